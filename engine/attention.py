@@ -1,0 +1,79 @@
+"""Attention backends. A backend owns the KV writes and the attention math of one step;
+the model runner describes the step with `DecodeMeta` or `ExtendMeta`. Backends are chosen
+by name from `BACKENDS`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_pool import KVPool
+from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+from kernels.extend_attention import extend_attention_ref
+
+
+@dataclass
+class DecodeMeta:
+    """One query per row. Rows of a group are described twice: for cascade decode
+    (group_rows/prefix_* + suffix_*) and for plain paged decode (page_table/seq_lens)."""
+
+    slots: torch.Tensor  # [B] flat KV slot of each row's new token
+    page_table: torch.Tensor | None  # [B, P] all pages of each row (paged decode)
+    seq_lens: torch.Tensor | None  # [B]
+    group_rows: torch.Tensor | None  # [G, Nmax] rows per group with a shared prefix, -1 pad
+    prefix_pages: torch.Tensor | None  # [G, Pp]
+    prefix_lens: torch.Tensor | None  # [G]
+    suffix_pages: torch.Tensor | None  # [B, Ps] private pages of each row
+    suffix_lens: torch.Tensor | None  # [B]
+
+
+@dataclass
+class ExtendMeta:
+    slots: torch.Tensor  # [T] flat KV slot of each new token
+    page_tables: list[torch.Tensor]  # per sequence
+    prefix_lens: list[int]
+    extend_lens: list[int]
+
+
+class TorchBackend:
+    """Plain-torch reference attention (kernels/*_ref); the CPU default."""
+
+    name = "torch"
+
+    def __init__(self, kv: KVPool, scale: float, cascade: bool) -> None:
+        self.kv = kv
+        self.scale = scale
+        self.cascade = cascade
+        self.meta: DecodeMeta | ExtendMeta | None = None
+
+    def begin(self, meta: DecodeMeta | ExtendMeta) -> None:
+        self.meta = meta
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        m = self.meta
+        self.kv.write(layer, m.slots, k, v)
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        if isinstance(m, ExtendMeta):
+            return extend_attention_ref(q, kc, vc, m.page_tables, m.prefix_lens, m.extend_lens,
+                                        self.scale)
+        if self.cascade:
+            out = cascade_decode_ref(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
+                                     m.suffix_pages, m.suffix_lens, self.scale)
+        else:
+            out, _ = paged_decode_ref(q, kc, vc, m.page_table, m.seq_lens, self.scale)
+        return out.to(q.dtype)
+
+
+BACKENDS = {"torch": TorchBackend}
+
+
+def make_backend(name: str, kv: KVPool, scale: float, cascade: bool, device: torch.device):
+    """Resolves "auto" for the device and builds the backend."""
+    if name == "auto":
+        name = "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not available; available: "
+                         f"{', '.join(['auto', *BACKENDS])}")
+    return BACKENDS[name](kv, scale, cascade)

@@ -1,0 +1,247 @@
+"""The public API: `Engine(model=...)`, `generate`, `stats`, `update_weights`."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from engine.attention import make_backend
+from engine.cache_manager import CacheManager
+from engine.config import EngineConfig, ModelConfig
+from engine.inputs import normalize_params, normalize_prompts, tokenize, validate
+from engine.kv_pool import KVPool, num_pages_that_fit
+from engine.model_runner import ModelRunner
+from engine.models.decoder import DecoderLM
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.request import Group, Sequence, Status
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Plan, Scheduler
+
+_LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
+
+
+class Engine:
+    """A large-N rollout engine: radix prefix cache, group fork, cascade decode."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "float32",
+                 page_size: int = 16, max_kv_tokens: int | None = None,
+                 max_batch_size: int | None = None, attention_backend: str = "auto",
+                 **options) -> None:
+        self.config = EngineConfig(model=model, device=device, dtype=dtype,
+                                   page_size=page_size, max_kv_tokens=max_kv_tokens,
+                                   max_batch_size=max_batch_size,
+                                   attention_backend=attention_backend, **options)
+        self.model_config = ModelConfig.from_dir(model)
+        self.device = torch.device(device)
+        tdtype = getattr(torch, dtype)
+        self.model = DecoderLM(self.model_config, self.device, tdtype)
+        self.model.load_checkpoint(model)
+        self.tokenizer = _load_tokenizer(model)
+        num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
+        self.kv = KVPool(self.model_config, num_pages, page_size, tdtype, self.device)
+        self.cache = CacheManager(self.kv, page_size)
+        batch_cap = max_batch_size or max(
+            1, min(4096, _LOGITS_BYTES_PER_STEP // (4 * self.model_config.vocab_size)))
+        self.scheduler = Scheduler(self.config, self.cache, batch_cap)
+        self.backend = make_backend(attention_backend, self.kv, self.model.scale,
+                                    self.config.cascade_decode, self.device)
+        self.runner = ModelRunner(self.model, self.backend, page_size)
+        self.sampler = Sampler(self.model_config.vocab_size, self.device)
+        self.policy_version = 0
+        self._rng = random.Random(self.config.seed)
+        self._counters = dict.fromkeys(
+            ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens", "decode_tokens",
+             "decode_steps", "extend_steps", "samples"), 0)
+        self._seconds = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
+
+    # -- public API ------------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Draws params.n samples per prompt. Prompts are strings (needs a tokenizer) or
+        token-id lists. Returns one RequestOutput per prompt, in order."""
+        prompts = normalize_prompts(prompts)
+        params = normalize_params(sampling_params, len(prompts))
+        prompt_ids = tokenize(prompts, self.tokenizer)
+        validate(prompt_ids, params, self.model_config, self.config.page_size,
+                 self.kv.num_pages)
+        groups = [self._make_group(i, ids, p) for i, (ids, p) in
+                  enumerate(zip(prompt_ids, params))]
+        bar = _progress(sum(p.n for p in params), use_tqdm)
+        try:
+            for g in groups:
+                self.scheduler.add(g)
+            while self.scheduler.has_work:
+                done = self._step()
+                if bar is not None:
+                    bar.update(done)
+        except BaseException:
+            self._abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [self._output(g) for g in groups]
+
+    def stats(self) -> dict:
+        """Counters since construction, plus the state of the KV pool."""
+        return {**self._counters, **self._seconds,
+                "preemptions": self.scheduler.num_preemptions,
+                "policy_version": self.policy_version,
+                "num_pages": self.kv.num_pages,
+                "free_pages": self.cache.allocator.num_free,
+                "cached_pages": self.cache.radix.num_cached_pages,
+                "page_size": self.config.page_size,
+                "attention_backend": self.backend.name,
+                "cascade_decode": self.config.cascade_decode}
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable,
+                       version: int | None = None) -> None:
+        """Loads HF-named tensors (all validated before any is applied), flushes the
+        prefix cache (its KV was made by the old weights) and bumps the policy version."""
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        self.model.update(list(items))
+        self.cache.flush()
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+
+    def check_integrity(self) -> None:
+        """Radix cache, allocator and every request's page table agree (for tests)."""
+        groups = list({id(g): g for g in [*self.scheduler.waiting, *self.scheduler.active,
+                                          *(s.group for s in self.scheduler.pending)]}.values())
+        self.cache.check_integrity(groups)
+
+    # -- one step ----------------------------------------------------------------------
+    def _make_group(self, index: int, ids: list[int], p: SamplingParams) -> Group:
+        stop = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            stop.update(self.model_config.eos_token_ids)
+        seed = p.seed if p.seed is not None else self._rng.getrandbits(63)
+        g = Group(index, ids, p, seed, frozenset(stop), self.config.page_size)
+        g.samples = [Sequence(g, j, list(ids)) for j in range(p.n)]
+        return g
+
+    def _step(self) -> int:
+        """Runs one scheduled step; returns the number of samples that finished."""
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            raise RuntimeError("scheduler stalled: work is queued but nothing can run "
+                               f"({self.cache.available_pages} pages available)")
+        finished = self._start(plan) if plan.start else 0
+        if plan.extend:
+            finished += self._extend(plan)
+        elif plan.decode:
+            finished += self._decode(plan.decode)
+        self.scheduler.remove_finished()
+        return finished
+
+    def _start(self, plan: Plan) -> int:
+        rows = [s.group.first_logits for s in plan.start]
+        finished = self._append(torch.stack(rows), plan.start)
+        for g in {id(s.group): s.group for s in plan.start}.values():
+            if all(s.started for s in g.samples):
+                self.cache.release_tail(g)
+                g.first_logits = None
+        return finished
+
+    def _extend(self, plan: Plan) -> int:
+        t0 = time.perf_counter()
+        logits = self.runner.extend(plan.extend)
+        self._seconds["prefill_seconds"] += time.perf_counter() - t0
+        self._counters["extend_steps"] += 1
+        resumed, rows = [], []
+        for i, item in enumerate(plan.extend):
+            n = len(item.token_ids)
+            if isinstance(item.target, Group):
+                g = item.target
+                self._counters["prefill_tokens"] += n
+                self._counters["cached_prompt_tokens"] += g.num_cached_tokens
+                g.first_logits = logits[i].clone()
+                self.cache.finish_prefill(g, item.page_table)
+                self.scheduler.active.append(g)
+                self.scheduler.pending.extend(g.samples)
+            else:
+                self._counters["recomputed_tokens"] += n
+                item.target.num_cached = len(item.target.token_ids)
+                resumed.append(item.target)
+                rows.append(i)
+        return self._append(logits[rows], resumed) if resumed else 0
+
+    def _decode(self, seqs: list[Sequence]) -> int:
+        t0 = time.perf_counter()
+        logits = self.runner.decode(seqs)
+        for s in seqs:
+            s.num_cached += 1
+        finished = self._append(logits, seqs)
+        self._seconds["decode_seconds"] += time.perf_counter() - t0
+        self._counters["decode_steps"] += 1
+        self._counters["decode_tokens"] += len(seqs)
+        return finished
+
+    def _append(self, logits: torch.Tensor, seqs: list[Sequence]) -> int:
+        """Samples one token per sequence, appends it and finishes samples that stop."""
+        tokens, logprobs = self.sampler(logits, seqs)
+        finished = 0
+        for s, tok, lp in zip(seqs, tokens, logprobs):
+            s.token_ids.append(tok)
+            s.logprobs.append(lp)
+            if not s.started or s.status is Status.WAITING:
+                s.started = True
+                s.status = Status.RUNNING
+                self.scheduler.running.append(s)
+            params = s.group.params
+            if tok in s.group.stop_ids:  # banned until min_tokens by the sampler
+                finished += self._finish(s, "stop")
+            elif s.num_output >= params.max_tokens:
+                finished += self._finish(s, "length")
+        return finished
+
+    def _finish(self, seq: Sequence, reason: str) -> int:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        self.cache.free_private(seq)
+        seq.page_table = []
+        self._counters["samples"] += 1
+        g = seq.group
+        if g.done:
+            self.cache.release_group(g)
+            g.first_logits = None
+            self.scheduler.active.remove(g)
+        return 1
+
+    def _abort(self) -> None:
+        """After an error mid-generate: drops every request and the prefix cache, so page
+        accounting starts clean whatever step was interrupted."""
+        preemptions = self.scheduler.num_preemptions
+        self.cache = CacheManager(self.kv, self.config.page_size)
+        self.scheduler = Scheduler(self.config, self.cache, self.scheduler.max_batch_size)
+        self.scheduler.num_preemptions = preemptions
+
+    def _output(self, g: Group) -> RequestOutput:
+        outs = []
+        for s in g.samples:
+            ids = s.output_ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+            outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
+                                         else None, s.finish_reason, text))
+        return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
+
+
+def _load_tokenizer(path: str):
+    if not any(os.path.isfile(os.path.join(path, f))
+               for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="samples", unit="sample", dynamic_ncols=True)

@@ -1,0 +1,51 @@
+"""The paged KV pool: per layer K and V tensors [num_pages, page_size, kv_heads, head_dim],
+and how many pages fit."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+
+
+class KVPool:
+    def __init__(self, cfg: ModelConfig, num_pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_pages = num_pages
+        self.page_size = page_size
+        shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        # zeros: padded gathers read unused pages, which must hold finite values.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores k, v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset)."""
+        kl = self.k[layer].view(-1, *self.k.shape[3:])
+        vl = self.v[layer].view(-1, *self.v.shape[3:])
+        kl.index_copy_(0, slots, k)
+        vl.index_copy_(0, slots, v)
+
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copies whole pages src[i] -> dst[i] in every layer."""
+        s = torch.tensor(src, device=self.k.device)
+        d = torch.tensor(dst, device=self.k.device)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
+
+
+def num_pages_that_fit(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Pages for `max_kv_tokens`, or for a fraction of the memory free now."""
+    if config.max_kv_tokens is not None:
+        return config.max_kv_tokens // config.page_size
+    per_page = model.kv_bytes_per_token(torch.finfo(dtype).bits // 8) * config.page_size
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    pages = int(free * config.kv_memory_fraction) // per_page
+    if pages < 1:
+        raise ValueError(f"not enough free memory for one KV page ({per_page} bytes)")
+    return pages

@@ -1,0 +1,86 @@
+"""Turns a step's sequences into tensors (token ids, positions, KV slots, attention
+metadata), runs the model and returns the logits of the positions that sample."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import DecodeMeta, ExtendMeta
+from engine.models.decoder import DecoderLM
+from engine.request import Sequence
+from engine.scheduler import ExtendItem
+
+
+def _padded(rows: list[list[int]], device: torch.device, pad: int = 0) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64,
+                        device=device)
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderLM, backend, page_size: int) -> None:
+        self.model = model
+        self.backend = backend
+        self.page_size = page_size
+        self.device = model.device
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new token per sequence -> logits float32 [B, vocab], rows in order."""
+        ps = self.page_size
+        positions = [s.num_cached for s in seqs]
+        slots = [s.page_table[p // ps] * ps + p % ps for s, p in zip(seqs, positions)]
+        meta = self._decode_meta(seqs, positions)
+        meta.slots = self._tensor(slots)
+        self.backend.begin(meta)
+        hidden = self.model.forward(self._tensor([s.token_ids[-1] for s in seqs]),
+                                    self._tensor(positions), self.backend)
+        return self.model.logits(hidden)
+
+    def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> DecodeMeta:
+        dev = self.device
+        meta = DecodeMeta(None, None, None, None, None, None, None, None)
+        if not self.backend.cascade:
+            meta.page_table = _padded([s.page_table for s in seqs], dev)
+            meta.seq_lens = self._tensor([p + 1 for p in positions])
+            return meta
+        groups: dict[int, list[int]] = {}
+        for row, s in enumerate(seqs):
+            if s.group.shared_len:
+                groups.setdefault(id(s.group), []).append(row)
+        if groups:
+            rows = list(groups.values())
+            meta.group_rows = _padded(rows, dev, pad=-1)
+            meta.prefix_pages = _padded([seqs[r[0]].group.shared_pages for r in rows], dev)
+            meta.prefix_lens = self._tensor([seqs[r[0]].group.shared_len for r in rows])
+        else:
+            meta.group_rows = torch.empty(0, 1, dtype=torch.int64, device=dev)
+            meta.prefix_pages = torch.zeros(0, 1, dtype=torch.int64, device=dev)
+            meta.prefix_lens = torch.zeros(0, dtype=torch.int64, device=dev)
+        meta.suffix_pages = _padded([s.private_pages for s in seqs], dev)
+        meta.suffix_lens = self._tensor([p + 1 - s.group.shared_len
+                                         for s, p in zip(seqs, positions)])
+        return meta
+
+    @torch.inference_mode()
+    def extend(self, items: list[ExtendItem]) -> torch.Tensor:
+        """Computes each item's tokens -> logits float32 [len(items), vocab] at each
+        item's last position."""
+        ps, dev = self.page_size, self.device
+        ids, positions, slots, tables, last = [], [], [], [], []
+        for it in items:
+            pos = torch.arange(it.start, it.start + len(it.token_ids), device=dev)
+            table = self._tensor(it.page_table)
+            ids.extend(it.token_ids)
+            positions.append(pos)
+            slots.append(table[pos // ps] * ps + pos % ps)
+            tables.append(table)
+            last.append(len(ids) - 1)
+        meta = ExtendMeta(torch.cat(slots), tables, [it.start for it in items],
+                          [len(it.token_ids) for it in items])
+        self.backend.begin(meta)
+        hidden = self.model.forward(self._tensor(ids), torch.cat(positions), self.backend)
+        return self.model.logits(hidden[self._tensor(last)])

@@ -1,0 +1,98 @@
+"""Request state. A `Group` is one prompt with its n samples; a `Sequence` is one sample.
+
+KV layout of a sample: page_table[:num_shared_pages] are the group's whole prompt pages
+(shared by reference, cached in the radix tree); the rest are the sample's private pages,
+starting with its own copy of the group's partial last prompt page (the "tail").
+
+Invariants while a sample runs: num_cached == len(token_ids) - 1 (the last sampled token
+has no KV yet) and the page table covers num_cached tokens.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.radix_cache import RadixNode
+from engine.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # not started, or preempted
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Group:
+    index: int  # request index within its generate() call: part of the noise key
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset[int]
+    page_size: int
+    samples: list[Sequence] = field(default_factory=list)
+    shared_pages: list[int] = field(default_factory=list)  # held: one reference each
+    tail_page: int | None = None  # held until every sample has copied it
+    lock_node: RadixNode | None = None
+    first_logits: torch.Tensor | None = None  # logits at the last prompt position
+    prefilled: bool = False
+    num_cached_tokens: int = 0  # prompt tokens reused from the radix cache
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def shared_len(self) -> int:
+        return len(self.shared_pages) * self.page_size
+
+    @property
+    def tail_len(self) -> int:
+        return self.prompt_len - self.shared_len if self.prefilled else 0
+
+    @property
+    def done(self) -> bool:
+        return all(s.status is Status.FINISHED for s in self.samples)
+
+
+@dataclass(eq=False)
+class Sequence:
+    group: Group
+    index: int  # sample index within the group: part of the noise key
+    token_ids: list[int]
+    page_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    status: Status = Status.WAITING
+    started: bool = False  # has drawn its first token (preempted samples stay started)
+    finish_reason: str | None = None
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.group.prompt_len
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.group.prompt_len:]
+
+    @property
+    def private_pages(self) -> list[int]:
+        return self.page_table[len(self.group.shared_pages):]
+
+    def max_kv_tokens(self) -> int:
+        """KV tokens this sample holds when it ends at max_tokens."""
+        return self.group.prompt_len + self.group.params.max_tokens - 1
+
+    def check(self) -> None:
+        ps = self.group.page_size
+        if self.status is Status.FINISHED:
+            assert not self.page_table, "a finished sample holds pages"
+            return
+        assert self.page_table[:len(self.group.shared_pages)] == self.group.shared_pages
+        if self.status is Status.RUNNING:
+            assert self.num_cached == len(self.token_ids) - 1, "running: KV lags one token"
+            assert len(self.page_table) * ps >= self.num_cached, "page table too short"
+            assert len(self.page_table) <= (self.num_cached + ps) // ps, "page table too long"
