@@ -180,6 +180,7 @@ class EngineConfig:
     reserve_ratio: float = 1.0
     kv_memory_fraction: float = 0.3
     seed: int | None = None
+    debug_integrity: bool = False  # check radix cache + page accounting after every step
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -21,6 +20,7 @@ from engine.request import Group, Sequence, Status
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Plan, Scheduler
+from engine.tokenizer import load_tokenizer
 
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
 
@@ -41,7 +41,7 @@ class Engine:
         tdtype = getattr(torch, dtype)
         self.model = DecoderLM(self.model_config, self.device, tdtype)
         self.model.load_checkpoint(model)
-        self.tokenizer = _load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model)
         num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
         self.kv = KVPool(self.model_config, num_pages, page_size, tdtype, self.device)
         self.cache = CacheManager(self.kv, page_size)
@@ -136,6 +136,8 @@ class Engine:
         elif plan.decode:
             finished += self._decode(plan.decode)
         self.scheduler.remove_finished()
+        if self.config.debug_integrity:
+            self.check_integrity()
         return finished
 
     def _start(self, plan: Plan) -> int:
@@ -228,15 +230,6 @@ class Engine:
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
-
-
-def _load_tokenizer(path: str):
-    if not any(os.path.isfile(os.path.join(path, f))
-               for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def _progress(total: int, enabled: bool):

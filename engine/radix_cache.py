@@ -71,7 +71,10 @@ class RadixCache:
         n = min(len(key) // ps, len(token_ids) // ps - first_page)
         j = 1  # the first page matched through the children dict
         base = first_page * ps
-        while j < n and tuple(token_ids[base + j * ps:base + (j + 1) * ps]) == key[j * ps:(j + 1) * ps]:
+        while j < n:
+            lo = j * ps
+            if tuple(token_ids[base + lo:base + lo + ps]) != key[lo:lo + ps]:
+                break
             j += 1
         return j
 

@@ -88,8 +88,8 @@ class Sequence:
 
     def check(self) -> None:
         ps = self.group.page_size
-        if self.status is Status.FINISHED:
-            assert not self.page_table, "a finished sample holds pages"
+        if self.status is Status.FINISHED or not self.started:
+            assert not self.page_table, "a finished or unstarted sample holds pages"
             return
         assert self.page_table[:len(self.group.shared_pages)] == self.group.shared_pages
         if self.status is Status.RUNNING:

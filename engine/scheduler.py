@@ -107,7 +107,8 @@ class Scheduler:
                 todo = len(seq.token_ids) - group.shared_len
                 now = pages_for(todo, self.page_size)
                 need = now + self._future_pages(seq, now)
-                if need > budget or (plan.extend and tokens + todo > self.config.max_prefill_tokens):
+                too_big = plan.extend and tokens + todo > self.config.max_prefill_tokens
+                if need > budget or too_big:
                     break
                 if not self.cache.grow(seq, len(seq.token_ids)):
                     break

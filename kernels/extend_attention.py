@@ -27,7 +27,8 @@ def extend_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         v = v_cache[pages].reshape(-1, hkv, D)[:n]
         qs = q[start:start + t]
         # query i (absolute position c + i) sees keys 0 .. c + i
-        mask = torch.arange(n, device=q.device)[None, :] <= (c + torch.arange(t, device=q.device))[:, None]
+        q_pos = c + torch.arange(t, device=q.device)
+        mask = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]
         k = k.repeat_interleave(H // hkv, dim=1) if H != hkv else k
         v = v.repeat_interleave(H // hkv, dim=1) if H != hkv else v
         o = F.scaled_dot_product_attention(qs.transpose(0, 1), k.transpose(0, 1),

@@ -41,11 +41,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 def row_keys(seed, request, sample, position) -> np.ndarray:
     """64-bit noise keys, one per row, from equal-length integer sequences (or scalars)."""
-    parts = [np.asarray(p, dtype=np.uint64) for p in (seed, request, sample, position)]
+    parts = [np.atleast_1d(np.asarray(p, dtype=np.uint64))
+             for p in (seed, request, sample, position)]
     key = _splitmix64(parts[0])
     for p in parts[1:]:
         key = _splitmix64(key ^ p)
-    return np.atleast_1d(key)
+    return key
 
 
 def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,21 +14,25 @@ from numba import njit, prange
 
 from kernels.sampling import GUMBEL_MAX, split_keys
 
+# uint32 arithmetic done in uint64 with explicit masks: numba widens small integer
+# products, so wrap-around must be spelled out.
+_M32 = np.uint64(0xFFFFFFFF)
+
 
 @njit(inline="always")
 def _fmix32(h):
-    h ^= h >> np.uint32(16)
-    h *= np.uint32(0x85EBCA6B)
-    h ^= h >> np.uint32(13)
-    h *= np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & _M32
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & _M32
+    return h ^ (h >> np.uint64(16))
 
 
 @njit(inline="always")
 def _gumbel(lo, hi, i):
-    h = _fmix32(lo ^ (np.uint32(i) * np.uint32(0x9E3779B1)))
-    h = _fmix32(h ^ hi)
-    u = (np.float64(h >> np.uint32(8)) + 0.5) * (1.0 / 16777216.0)
+    h = _fmix32(np.uint64(lo) ^ ((np.uint64(i) * np.uint64(0x9E3779B1)) & _M32))
+    h = _fmix32(h ^ np.uint64(hi))
+    u = (np.float64(h >> np.uint64(8)) + 0.5) * (1.0 / 16777216.0)
     return -math.log(-math.log(u))
 
 

@@ -1,0 +1,128 @@
+import random
+
+import pytest
+
+from engine.allocator import OutOfPages, PageAllocator
+from engine.radix_cache import RadixCache
+
+PS = 4
+
+
+def cache_with(num_pages=64):
+    alloc = PageAllocator(num_pages)
+    return RadixCache(PS, alloc), alloc
+
+
+def insert_fresh(cache, alloc, ids):
+    """Inserts ids (whole pages) with freshly allocated pages; drops the caller's refs."""
+    pages = alloc.alloc(len(ids) // PS)
+    canonical, node = cache.insert(ids, pages)
+    alloc.decref(pages)  # the cache keeps its own references
+    return canonical, node
+
+
+def test_allocator_refcounts_and_exhaustion():
+    a = PageAllocator(4)
+    pages = a.alloc(3)
+    assert pages == [0, 1, 2] and a.num_free == 1
+    with pytest.raises(OutOfPages):
+        a.alloc(2)
+    assert a.num_free == 1  # a failed alloc takes nothing
+    a.incref([0])
+    assert a.decref([0, 1]) == 1  # page 1 freed, page 0 still held
+    a.check_integrity()
+    assert a.decref([0, 2]) == 2 and a.num_free == 4
+
+
+def test_match_returns_only_whole_pages_and_splits_at_page_boundaries():
+    cache, alloc = cache_with()
+    ids = list(range(100, 112))  # 3 pages
+    pages, _ = insert_fresh(cache, alloc, ids)
+    assert cache.match_prefix(ids[:11])[0] == pages[:2]  # partial third page not matched
+    assert cache.match_prefix(ids[:8] + [0, 0, 0, 0])[0] == pages[:2]  # forces a split
+    other = ids[:4] + [7, 7, 7, 7]
+    p2, _ = insert_fresh(cache, alloc, other)
+    assert p2[0] == pages[0] and p2[1] != pages[1]
+    assert cache.num_cached_pages == 4
+    cache.check_integrity()
+
+
+def test_insert_of_cached_prefix_keeps_canonical_pages():
+    cache, alloc = cache_with()
+    ids = list(range(8))
+    pages, _ = insert_fresh(cache, alloc, ids)
+    dup = alloc.alloc(2)
+    canonical, _ = cache.insert(ids, dup)
+    assert canonical == pages
+    assert alloc.decref(dup) == 2  # duplicates were not adopted
+    cache.check_integrity()
+
+
+def test_locked_prefixes_survive_eviction_and_lru_goes_first():
+    cache, alloc = cache_with(num_pages=6)
+    _, a = insert_fresh(cache, alloc, [1] * 8)
+    _, b = insert_fresh(cache, alloc, [2] * 8)
+    _, c = insert_fresh(cache, alloc, [3] * 8)
+    cache.lock(a)
+    cache.match_prefix([2] * 8)  # b is now more recent than c
+    assert cache.num_evictable_pages == 4
+    assert cache.evict(1) == 2  # the whole LRU leaf (c)
+    assert cache.match_prefix([3] * 8)[0] == []
+    assert cache.match_prefix([2] * 8)[0] != []
+    assert cache.evict(100) == 2  # only b remains evictable
+    assert len(cache.match_prefix([1] * 8)[0]) == 2
+    with pytest.raises(RuntimeError):
+        cache.flush()
+    cache.unlock(a)
+    cache.flush()
+    assert alloc.num_free == 6
+    cache.check_integrity()
+
+
+def still_cached(cache, cached):
+    """Forgets evicted prefixes: keeps those the cache still matches in full."""
+    return {k: v for k, v in cached.items()
+            if len(cache.match_prefix(list(k))[0]) == len(k) // PS}
+
+
+def test_random_operations_keep_cache_consistent_with_a_naive_model():
+    """Insert/match/lock/unlock/evict at random; after each operation the cache agrees
+    with a plain dict of cached page-prefixes and passes check_integrity."""
+    rng = random.Random(0)
+    cache, alloc = cache_with(num_pages=48)
+    cached: dict[tuple, int] = {}  # whole-page prefix -> page of its last page
+    locks = []
+    for _ in range(600):
+        op = rng.random()
+        ids = [rng.randrange(3) for _ in range(PS * rng.randrange(1, 5))]
+        if op < 0.45:
+            n_pages = len(ids) // PS  # insert_fresh allocates duplicates too
+            if n_pages > alloc.num_free:
+                cache.evict(n_pages - alloc.num_free)
+                cached = still_cached(cache, cached)
+            if n_pages > alloc.num_free:
+                continue
+            pages, node = insert_fresh(cache, alloc, ids)
+            for j in range(1, len(pages) + 1):
+                cached[tuple(ids[:j * PS])] = pages[j - 1]
+            if rng.random() < 0.3:
+                cache.lock(node)
+                locks.append(node)
+        elif op < 0.8:
+            pages, _ = cache.match_prefix(ids)
+            expect = 0
+            while expect < len(ids) // PS and tuple(ids[:(expect + 1) * PS]) in cached:
+                expect += 1
+            assert len(pages) == expect
+            assert pages == [cached[tuple(ids[:(j + 1) * PS])] for j in range(expect)]
+        elif op < 0.9 and locks:
+            cache.unlock(locks.pop(rng.randrange(len(locks))))
+        else:
+            cache.evict(rng.randrange(1, 6))
+            cached = still_cached(cache, cached)
+        cache.check_integrity()
+        alloc.check_integrity(cache.page_holders())
+    for node in locks:
+        cache.unlock(node)
+    cache.flush()
+    assert alloc.num_free == 48
