@@ -37,9 +37,13 @@ class ExtendMeta:
 
 
 class TorchBackend:
-    """Plain-torch reference attention (kernels/*_ref); the CPU default."""
+    """Plain-torch reference attention (kernels/*_ref)."""
 
     name = "torch"
+
+    @staticmethod
+    def paged(q, k_cache, v_cache, page_table, seq_lens, scale):
+        return paged_decode_ref(q, k_cache, v_cache, page_table, seq_lens, scale)
 
     def __init__(self, kv: KVPool, scale: float, cascade: bool) -> None:
         self.kv = kv
@@ -60,19 +64,45 @@ class TorchBackend:
                                         self.scale)
         if self.cascade:
             out = cascade_decode_ref(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
-                                     m.suffix_pages, m.suffix_lens, self.scale)
+                                     m.suffix_pages, m.suffix_lens, self.scale,
+                                     paged_fn=self.paged)
         else:
-            out, _ = paged_decode_ref(q, kc, vc, m.page_table, m.seq_lens, self.scale)
+            out, _ = self.paged(q, kc, vc, m.page_table, m.seq_lens, self.scale)
         return out.to(q.dtype)
 
 
-BACKENDS = {"torch": TorchBackend}
+class NumbaBackend(TorchBackend):
+    """CPU float32: the per-row (paged / suffix) stage runs as a fused numba kernel that
+    reads pages in place; the shared-prefix stage stays a torch matrix product."""
+
+    name = "numba"
+
+    @staticmethod
+    def paged(q, k_cache, v_cache, page_table, seq_lens, scale):
+        from kernels.decode_attention_numba import paged_decode_numba
+
+        return paged_decode_numba(q, k_cache, v_cache, page_table, seq_lens, scale)
+
+
+BACKENDS = {"torch": TorchBackend, "numba": NumbaBackend}
+
+
+def _auto(kv: KVPool, device: torch.device) -> str:
+    if device.type == "cpu" and kv.k.dtype == torch.float32:
+        try:
+            import numba  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "numba"
+    return "torch"
 
 
 def make_backend(name: str, kv: KVPool, scale: float, cascade: bool, device: torch.device):
-    """Resolves "auto" for the device and builds the backend."""
+    """Resolves "auto" for the device and dtype, and builds the backend."""
     if name == "auto":
-        name = "torch"
+        name = _auto(kv, device)
+    if name == "numba" and (device.type != "cpu" or kv.k.dtype != torch.float32):
+        raise ValueError("the numba attention backend runs float32 on CPU only")
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not available; available: "
                          f"{', '.join(['auto', *BACKENDS])}")

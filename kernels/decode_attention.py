@@ -29,15 +29,18 @@ def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """q [R, hkv, M, d] against k, v [R, T, hkv, d] where only the first lens[R] keys are
     valid. Returns out [R, hkv, M, d] and lse [R, hkv, M] (float32)."""
     q, k, v = q.float(), k.float(), v.float()
-    scores = torch.matmul(q, k.permute(0, 2, 3, 1)) * scale  # [R, hkv, M, T]
-    valid = torch.arange(k.shape[1], device=k.device)[None, :] < lens[:, None]  # [R, T]
-    scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    empty = lens == 0
-    safe_lse = torch.where(empty[:, None, None], torch.zeros_like(lse), lse)
-    probs = torch.exp(scores - safe_lse[..., None])
+    scores = torch.matmul(q * scale, k.permute(0, 2, 3, 1))  # [R, hkv, M, T]
+    T = k.shape[1]
+    if bool((lens < T).any()):
+        valid = torch.arange(T, device=k.device)[None, :] < lens[:, None]  # [R, T]
+        scores.masked_fill_(~valid[:, None, None, :], -math.inf)
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows with no key
+    probs = scores.sub_(m).exp_()
+    total = probs.sum(dim=-1)
     out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # [R, hkv, M, d]
-    return out, lse
+    out = out / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    return out, m[..., 0] + torch.log(total)
 
 
 def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -71,11 +74,14 @@ def shared_prefix_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                   _gather_pages(v_cache, prefix_pages), prefix_lens, scale)
     out = out.view(G, hkv, nmax, r, D).permute(0, 2, 1, 3, 4).reshape(G * nmax, H, D)
     lse = lse.view(G, hkv, nmax, r).permute(0, 2, 1, 3).reshape(G * nmax, H)
+    flat = group_rows.reshape(-1)
+    if G * nmax == B and torch.equal(flat, torch.arange(B, device=q.device)):
+        return out, lse  # every row in order, no padding
     o = torch.zeros(B, H, D, dtype=torch.float32, device=q.device)
     l_out = torch.full((B, H), -math.inf, dtype=torch.float32, device=q.device)
-    keep = group_rows.reshape(-1) >= 0
-    o[group_rows.reshape(-1)[keep]] = out[keep]
-    l_out[group_rows.reshape(-1)[keep]] = lse[keep]
+    keep = flat >= 0
+    o[flat[keep]] = out[keep]
+    l_out[flat[keep]] = lse[keep]
     return o, l_out
 
 
@@ -96,11 +102,16 @@ def merge_states_ref(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
 def cascade_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        group_rows: torch.Tensor, prefix_pages: torch.Tensor,
                        prefix_lens: torch.Tensor, suffix_pages: torch.Tensor,
-                       suffix_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                       suffix_lens: torch.Tensor, scale: float,
+                       paged_fn=paged_decode_ref) -> torch.Tensor:
     """Cascade decode: shared prefix per group + private suffix per row, merged.
     suffix_pages [B, Ps] and suffix_lens [B] describe each row's private pages, whose
-    tokens follow its group's prefix. Returns out [B, num_heads, head_dim] float32."""
+    tokens follow its group's prefix. `paged_fn` computes the suffix stage (a fast path
+    with paged_decode_ref's contract may be passed). Returns out [B, num_heads, head_dim]
+    float32."""
+    if group_rows.shape[0] == 0:
+        return paged_fn(q, k_cache, v_cache, suffix_pages, suffix_lens, scale)[0]
     o_p, l_p = shared_prefix_ref(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens,
                                  scale)
-    o_s, l_s = paged_decode_ref(q, k_cache, v_cache, suffix_pages, suffix_lens, scale)
+    o_s, l_s = paged_fn(q, k_cache, v_cache, suffix_pages, suffix_lens, scale)
     return merge_states_ref(o_p, l_p, o_s, l_s)[0]

@@ -1,22 +1,24 @@
-"""Sampling: temperature, top-k / top-p / min-p truncation and Gumbel-max with a
-counter-based noise, plus the behaviour logprob of the sampled token.
+"""Sampling: temperature, top-k / top-p / min-p truncation and inverse-transform
+sampling with a counter-based uniform, plus the behaviour logprob of the sampled token.
 
-The definition every implementation (torch reference, numba CPU path, Triton) follows:
+The definition every implementation (torch reference, numba CPU path, GPU kernels)
+follows, row by row:
 
   z_i     = float32(logits_i) / float32(temperature)            (float32 division)
-  thr     = a per-row logit threshold; a token survives truncation iff z_i >= thr
+  thr     = a logit threshold; token i survives truncation iff z_i >= thr
             (top-k, top-p and min-p each keep a top set by value, so their intersection
             is again a threshold: see `truncation_threshold_ref`)
   key     = splitmix64 chain of (seed, request, sample, position)   (`row_keys`)
-  h_i     = fmix32(fmix32(key_lo ^ (i * 0x9E3779B1)) ^ key_hi)      (uint32 arithmetic)
-  u_i     = ((h_i >> 8) + 0.5) / 2**24                               (exact in float64)
-  g_i     = -log(-log(u_i))                                          (float64)
-  token   = first argmax over surviving i of float64(z_i) + g_i
-  logprob = z_token - logsumexp(z)        (full vocabulary, before truncation)
+  u       = (key >> 11) / 2**53                                      (uniform in [0, 1))
+  m       = max_i z_i;  w_i = exp(float64(z_i) - m) if z_i >= thr else 0
+  c_i     = w_0 + ... + w_i, summed in float64 in index order
+  token   = the smallest i with c_i > u * c_{V-1}
+  logprob = z_token - (m + log(sum_i exp(float64(z_i) - m)))   (full vocabulary)
 
 Greedy rows (temperature 0) take the first argmax of the logits and report
-log_softmax(logits) at it. Because the noise of a row depends only on its key, results
-do not depend on which other rows share the batch.
+log_softmax(logits) at it. A row's draw depends only on its logits and its key, never on
+the other rows of the batch. Summation in float64 makes implementations agree exactly
+unless u * c lands within ~1e-16 of a boundary.
 """
 
 from __future__ import annotations
@@ -25,11 +27,6 @@ import math
 
 import numpy as np
 import torch
-
-_M32 = 0xFFFFFFFF
-_GOLDEN32 = 0x9E3779B1
-# Largest noise the 24-bit uniform can produce: lets fast paths skip tokens exactly.
-GUMBEL_MAX = -math.log(-math.log((2**24 - 1 + 0.5) / 2**24))
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -40,7 +37,8 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def row_keys(seed, request, sample, position) -> np.ndarray:
-    """64-bit noise keys, one per row, from equal-length integer sequences (or scalars)."""
+    """64-bit keys (uint64 [B]), one per row, from equal-length integer sequences or
+    scalars."""
     parts = [np.atleast_1d(np.asarray(p, dtype=np.uint64))
              for p in (seed, request, sample, position)]
     key = _splitmix64(parts[0])
@@ -49,33 +47,9 @@ def row_keys(seed, request, sample, position) -> np.ndarray:
     return key
 
 
-def split_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint64 keys -> (low, high) 32-bit halves as uint32 arrays."""
-    keys = np.asarray(keys, dtype=np.uint64)
-    return ((keys & np.uint64(_M32)).astype(np.uint32),
-            (keys >> np.uint64(32)).astype(np.uint32))
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    # int64 container holding uint32 values: products wrap in two's complement and the
-    # low 32 bits stay exact after masking.
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def gumbel_noise_ref(keys: np.ndarray, vocab_size: int, device="cpu") -> torch.Tensor:
-    """float64 Gumbel noise [B, vocab_size] for the given uint64 row keys."""
-    lo, hi = split_keys(keys)
-    lo = torch.from_numpy(lo.astype(np.int64)).to(device)[:, None]
-    hi = torch.from_numpy(hi.astype(np.int64)).to(device)[:, None]
-    tok = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
-    h = _fmix32(lo ^ ((tok * _GOLDEN32) & _M32))
-    h = _fmix32(h ^ hi)
-    u = ((h >> 8).to(torch.float64) + 0.5) * (1.0 / 2**24)
-    return -torch.log(-torch.log(u))
+def uniforms(keys: np.ndarray) -> np.ndarray:
+    """float64 uniforms in [0, 1) from uint64 keys (their top 53 bits)."""
+    return (np.asarray(keys, dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def scaled_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -115,11 +89,18 @@ def truncation_threshold_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.
     return thr
 
 
-def gumbel_argmax_ref(z: torch.Tensor, thr: torch.Tensor, keys: np.ndarray) -> torch.Tensor:
-    """First argmax of float64(z) + Gumbel noise over tokens with z >= thr."""
-    score = z.double() + gumbel_noise_ref(keys, z.shape[1], z.device)
-    score = score.masked_fill(z < thr[:, None], -math.inf)
-    return score.argmax(dim=-1)
+def inverse_cdf_ref(z: torch.Tensor, thr: torch.Tensor,
+                    keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens drawn by the definition above, and float64 log-sum-exp of z per row."""
+    z64 = z.double()
+    m = z64.max(dim=-1, keepdim=True).values
+    e = torch.exp(z64 - m)
+    lse = m[:, 0] + torch.log(e.sum(-1))
+    c = torch.where(z >= thr[:, None], e, torch.zeros_like(e)).cumsum(-1)
+    u = torch.from_numpy(uniforms(keys)).to(z.device)
+    target = (u * c[:, -1])[:, None]
+    tokens = (c <= target).sum(-1).clamp(max=z.shape[1] - 1)
+    return tokens, lse
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -128,18 +109,29 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     """Reference sampler. logits [B, V]; per-row parameters [B]; keys uint64 [B];
     banned [B, V] bool (tokens that may not be drawn, e.g. EOS before min_tokens).
     Returns (tokens int64 [B], behaviour logprobs float32 [B])."""
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    tokens, lse = inverse_cdf_ref(zb, thr, keys)
+    if banned is not None:
+        lse = _lse64(z)
+    return _finish(logits, z, zb, temperature, tokens, lse)
+
+
+def _prepare(logits, temperature, top_k, top_p, min_p, banned):
     z = scaled_logits(logits, temperature)
     zb = z if banned is None else z.masked_fill(banned, -math.inf)
-    thr = truncation_threshold_ref(zb, top_k, top_p, min_p)
-    tokens = gumbel_argmax_ref(zb, thr, keys)
+    return z, zb, truncation_threshold_ref(zb, top_k, top_p, min_p)
+
+
+def _lse64(z: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(z.double(), dim=-1)
+
+
+def _finish(logits, z, zb, temperature, tokens, lse):
     greedy = temperature == 0
     if bool(greedy.any()):
         tokens = torch.where(greedy, zb.argmax(dim=-1), tokens)
-    return tokens, _token_logprobs(z, tokens)
-
-
-def _token_logprobs(z: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return (z.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(z, dim=-1)).float()
+    logprobs = (z.gather(1, tokens[:, None])[:, 0].double() - lse).float()
+    return tokens, logprobs
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -157,17 +149,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         impl = "numba" if logits.device.type == "cpu" and _numba_available() else "torch"
     if impl == "torch":
         return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned)
-    from kernels.sampling_numba import gumbel_argmax_numba
+    from kernels.sampling_numba import inverse_cdf_numba
 
-    z = scaled_logits(logits, temperature)
-    zb = z if banned is None else z.masked_fill(banned, -math.inf)
-    thr = truncation_threshold_ref(zb, top_k, top_p, min_p)
-    greedy = temperature == 0
-    thr = torch.where(greedy, torch.full_like(thr, math.inf), thr)  # greedy rows: skip noise
-    tokens = gumbel_argmax_numba(zb, thr, keys)
-    if bool(greedy.any()):
-        tokens = torch.where(greedy, zb.argmax(dim=-1), tokens)
-    return tokens, _token_logprobs(z, tokens)
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    tokens, lse = inverse_cdf_numba(zb, thr, keys)
+    if banned is not None:
+        lse = _lse64(z)
+    return _finish(logits, z, zb, temperature, tokens, lse)
 
 
 def _numba_available() -> bool:

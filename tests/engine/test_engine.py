@@ -78,6 +78,8 @@ def test_samples_do_not_depend_on_batching_or_attention_path(qwen2):
     params = SamplingParams(n=5, max_tokens=12, seed=7, temperature=0.9, top_p=0.95)
     _, ref = run(path, prompts, params, max_kv_tokens=8192)
     for kw in (dict(cascade_decode=False), dict(max_batch_size=3),
+               dict(attention_backend="torch"), dict(attention_backend="numba"),
+               dict(attention_backend="torch", cascade_decode=False),
                dict(max_prefill_tokens=1), dict(max_kv_tokens=40 * PAGE, reserve_ratio=0.2)):
         _, outs = run(path, prompts, params, **{"max_kv_tokens": 8192, **kw})
         assert tokens_of(outs) == tokens_of(ref), kw
