@@ -1,0 +1,202 @@
+"""Rollout throughput against N (samples per prompt) at a fixed total number of samples.
+
+    python bench/throughput.py                 # full sweep, writes bench/results/
+    python bench/throughput.py --quick         # smaller, for a smoke run
+
+The workload follows the BroRL systems claim: the same number of samples drawn as few
+prompts x many samples (large N) or many prompts x few samples. Each configuration draws
+`--total` samples of `--new-tokens` tokens after a `--prompt-len`-token prompt, on a
+Qwen2-shaped random model (~5M parameters) built from a config and saved to a temp dir,
+so nothing is downloaded. Rows:
+
+- engine/cascade: our engine, shared-prefix (cascade) decode attention (the default)
+- engine/paged:   our engine, plain paged decode attention (each sample reads the prefix)
+- transformers:   `generate(num_return_sequences=N)` on the same checkpoint and workload
+
+samples/s = samples / wall seconds; tokens/s counts generated tokens only. The headline
+figures are ratios measured in this one run (engine/transformers at each N, and engine
+N=512 over N=16); absolute figures only mean something on the device they name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+             tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+def make_model(path: str, seed: int) -> int:
+    """Saves the random bench model to path; returns its parameter count."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**MODEL), dtype=torch.float32)
+    model.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def make_prompts(num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, MODEL["vocab_size"], (num_prompts, prompt_len), generator=g)
+    return ids.tolist()
+
+
+def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed: int) -> dict:
+    from engine import Engine, SamplingParams
+
+    engine = Engine(path, cascade_decode=cascade)
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True,
+                            seed=seed)
+    engine.generate(prompts[:1], SamplingParams(n=2, max_tokens=2, seed=seed))  # warm-up
+    engine.cache.flush()
+    before = engine.stats()
+    start = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    after = engine.stats()
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    delta = {k: after[k] - before[k] for k in ("prefill_tokens", "cached_prompt_tokens",
+                                               "decode_steps", "preemptions")}
+    return dict(seconds=seconds, samples=sum(len(o.outputs) for o in outs), tokens=tokens,
+                attention_backend=after["attention_backend"], **delta)
+
+
+def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens, num_return_sequences=n, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        model.generate(ids[:1], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2,
+                                   "num_return_sequences": 2})
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        seconds = time.perf_counter() - start
+    samples = out.shape[0]
+    return dict(seconds=seconds, samples=samples, tokens=samples * (out.shape[1] - ids.shape[1]))
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    return "cpu"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "triton", "numba"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ns", type=int, nargs="+", default=[16, 64, 128, 256, 512])
+    ap.add_argument("--total", type=int, default=512, help="samples per configuration")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-ns", type=int, nargs="*", default=None,
+                    help="N values also run through transformers (default: all)")
+    ap.add_argument("--quick", action="store_true",
+                    help="total 128, N in {16, 128}, 32 new tokens: a smoke run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
+                    "throughput-<device>.json; --quick writes nothing unless given)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.ns, args.total, args.new_tokens = [16, 128], 128, 32
+    bad = [n for n in args.ns if n < 1 or args.total % n]
+    if bad:
+        ap.error(f"every N must divide --total={args.total}; these do not: {bad}")
+    hf_ns = args.ns if args.hf_ns is None else args.hf_ns
+    threads = torch.get_num_threads()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        num_params = make_model(tmp, args.seed)
+        print(f"model: Qwen2-shaped, {num_params / 1e6:.2f}M parameters; prompt "
+              f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.total} samples "
+              f"per row; device {device_name()}, {threads} torch threads", flush=True)
+        for n in args.ns:
+            prompts = make_prompts(args.total // n, args.prompt_len, args.seed + n)
+            runs = [("engine/cascade", lambda: run_engine(tmp, prompts, n, args.new_tokens,
+                                                          True, args.seed)),
+                    ("engine/paged", lambda: run_engine(tmp, prompts, n, args.new_tokens,
+                                                        False, args.seed))]
+            if n in hf_ns:
+                runs.append(("transformers", lambda: run_transformers(
+                    tmp, prompts, n, args.new_tokens, args.seed)))
+            for system, fn in runs:
+                r = fn()
+                r.update(system=system, n=n, num_prompts=len(prompts),
+                         samples_per_s=r["samples"] / r["seconds"],
+                         tokens_per_s=r["tokens"] / r["seconds"])
+                rows.append(r)
+                print(f"  N={n:4d} {system:15s} {r['samples_per_s']:8.1f} samples/s "
+                      f"({r['seconds']:.2f} s)", flush=True)
+    result = dict(benchmark="throughput", device=device_name(), cpu=platform.processor() or
+                  platform.machine(), cpu_count=os.cpu_count(), torch_threads=threads,
+                  versions=versions(),
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  config=dict(model=MODEL, num_params=num_params, total=args.total,
+                              prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                              ns=args.ns, seed=args.seed, dtype="float32", temperature=1.0),
+                  rows=rows, ratios=ratios(rows, args.ns))
+    print_table(rows, result["ratios"])
+    out = args.out or (None if args.quick else
+                       str(ROOT / "bench" / "results" / f"throughput-{device_name()}.json"))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def ratios(rows: list[dict], ns: list[int]) -> dict:
+    rate = {(r["system"], r["n"]): r["samples_per_s"] for r in rows}
+    out = {}
+    for n in ns:
+        if ("transformers", n) in rate:
+            out[f"cascade_over_transformers_n{n}"] = (rate["engine/cascade", n]
+                                                      / rate["transformers", n])
+        out[f"cascade_over_paged_n{n}"] = rate["engine/cascade", n] / rate["engine/paged", n]
+    lo, hi = min(ns), max(ns)
+    for system in ("engine/cascade", "engine/paged", "transformers"):
+        if (system, lo) in rate and (system, hi) in rate and lo != hi:
+            out[f"{system.split('/')[-1]}_n{hi}_over_n{lo}"] = rate[system, hi] / rate[system, lo]
+    return out
+
+
+def print_table(rows: list[dict], ratio: dict) -> None:
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    ns = list(dict.fromkeys(r["n"] for r in rows))
+    rate = {(r["system"], r["n"]): r["samples_per_s"] for r in rows}
+    print(f"\n{'samples/s':15s}" + "".join(f"{'N=' + str(n):>10s}" for n in ns))
+    for s in systems:
+        cells = [f"{rate[s, n]:10.1f}" if (s, n) in rate else f"{'-':>10s}" for n in ns]
+        print(f"{s:15s}" + "".join(cells))
+    print("\n" + "\n".join(f"{k:36s} {v:6.2f}x" for k, v in ratio.items()))
+
+
+if __name__ == "__main__":
+    main()
