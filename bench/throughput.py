@@ -28,6 +28,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -139,13 +140,13 @@ def main(argv=None) -> dict:
               f"per row; device {device_name()}, {threads} torch threads", flush=True)
         for n in args.ns:
             prompts = make_prompts(args.total // n, args.prompt_len, args.seed + n)
-            runs = [("engine/cascade", lambda: run_engine(tmp, prompts, n, args.new_tokens,
-                                                          True, args.seed)),
-                    ("engine/paged", lambda: run_engine(tmp, prompts, n, args.new_tokens,
-                                                        False, args.seed))]
+            runs = [("engine/cascade", partial(run_engine, tmp, prompts, n, args.new_tokens,
+                                               True, args.seed)),
+                    ("engine/paged", partial(run_engine, tmp, prompts, n, args.new_tokens,
+                                             False, args.seed))]
             if n in hf_ns:
-                runs.append(("transformers", lambda: run_transformers(
-                    tmp, prompts, n, args.new_tokens, args.seed)))
+                runs.append(("transformers", partial(run_transformers, tmp, prompts, n,
+                                                     args.new_tokens, args.seed)))
             for system, fn in runs:
                 r = fn()
                 r.update(system=system, n=n, num_prompts=len(prompts),

@@ -1,0 +1,65 @@
+"""Config: YAML + key=value overrides, typed leaves, and errors that name the bad key."""
+
+import pytest
+
+from trainer.config import DEMO_CONFIG, TrainConfig, all_keys, describe, load_config
+
+
+def test_demo_config_loads_and_overrides_apply():
+    cfg = load_config(None, ["rollout.n=16", "optim.lr=5e-4", "steps=3", "output_dir=/tmp/x",
+                             "algorithm.dual_clip=3", "rollout.max_kv_tokens=null"])
+    assert isinstance(cfg, TrainConfig)
+    assert (cfg.rollout.n, cfg.steps, cfg.output_dir) == (16, 3, "/tmp/x")
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.algorithm.dual_clip == 3.0 and cfg.rollout.max_kv_tokens is None
+    assert load_config(None).rollout.n == 512  # the shipped demo is BroRL's N
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("rollout.nn=3", "'rollout.n'"), ("rollut.n=3", "'rollout.n'"), ("stepz=2", "'steps'"),
+    ("algorithm.eps_hihg=0.3", "'algorithm.eps_high'"),
+])
+def test_unknown_key_names_it_and_the_closest_valid_key(override, hint):
+    with pytest.raises(ValueError, match="unknown config key") as e:
+        load_config(None, [override])
+    assert override.split("=")[0] in str(e.value) and hint in str(e.value)
+
+
+def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  n: 8\n  temprature: 0.7\n")
+    with pytest.raises(ValueError, match="rollout.temprature.*rollout.temperature"):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("rollout.n=abc", "rollout.n must be int"), ("rollout.n=0", "n must be > 0"),
+    ("algorithm.advantage", "not of the form key=value"), ("steps=1.5", "steps must be int"),
+    ("algorithm.tis=clip", "tis must be one of"), ("optim.lr=fast", "optim.lr must be float"),
+])
+def test_bad_values_raise_naming_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_help_lists_every_key_and_scaled_lr_follows_brorl():
+    text = describe()
+    for key in all_keys():
+        assert key in text
+    base = load_config(None, ["rollout.n=16", "rollout.prompts_per_step=16"])
+    big = load_config(None, ["optim.scale_lr=true", "optim.lr_reference_samples=8192",
+                             "rollout.n=512", "rollout.prompts_per_step=128",
+                             "rollout.max_prompts_per_step=256"])
+    assert base.lr == base.optim.lr
+    assert big.lr == pytest.approx(big.optim.lr * (512 * 128 / 8192) ** 0.5)
+
+
+def test_shipped_demo_yaml_is_valid_and_complete():
+    assert DEMO_CONFIG.is_file()
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.model.path == "demo" and cfg.rollout.dynamic_sampling

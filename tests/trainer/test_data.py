@@ -1,0 +1,88 @@
+"""Data: reasoning-gym and file sources, a disjoint held-out split, prompt rendering, and a
+stream that resumes exactly."""
+
+import json
+
+import pytest
+
+from trainer.config import DataConfig
+from trainer.data import Problem, ProblemStream, file_problems, load_problems, render_prompt
+
+
+def _rows(n):
+    return [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(n)]
+
+
+def test_gym_dataset_by_name_with_disjoint_held_out_split():
+    cfg = DataConfig(train="gym:chain_sum", size=60, eval_size=20, seed=3,
+                     gym_kwargs={"min_terms": 2, "max_terms": 2, "min_digits": 2,
+                                 "max_digits": 2})
+    train, held = load_problems(cfg)
+    assert len(held) == 20 and 0 < len(train) <= 60
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    p = train[0]
+    assert p.verifier == "reasoning_gym" and p.metadata["dataset"] == "chain_sum"
+    assert p.metadata["entry"]["answer"] == p.answer
+    again, _ = load_problems(cfg)
+    assert [q.prompt for q in again] == [q.prompt for q in train]  # deterministic by seed
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_file_sources_split_off_a_held_out_set(tmp_path, suffix):
+    rows = _rows(30)
+    rows[0]["verifier"] = "code"
+    rows[0]["tests"] = [{"input": "", "output": "0"}]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    else:
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    train, held = load_problems(DataConfig(train=str(path), eval_size=10, seed=0))
+    assert len(train) == 20 and len(held) == 10
+    assert sorted(p.prompt for p in train + held) == sorted(r["prompt"] for r in rows)
+    code = [p for p in train + held if p.verifier == "code"][0]
+    assert code.metadata["tests"] == [{"input": "", "output": "0"}]
+    assert {p.verifier for p in train + held} == {"code", "math"}
+
+
+def test_bad_files_raise_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        file_problems(str(tmp_path / "x.jsonl"), "auto")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"answer": "1"}))
+    with pytest.raises(ValueError, match="row 0: needs a string `prompt`"):
+        file_problems(str(bad), "auto")
+    with pytest.raises(ValueError, match=".jsonl or .parquet"):
+        (tmp_path / "a.csv").write_text("x")
+        file_problems(str(tmp_path / "a.csv"), "auto")
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(json.dumps(r) for r in _rows(5)))
+    with pytest.raises(ValueError, match="need more than data.eval_size=10"):
+        load_problems(DataConfig(train=str(small), eval_size=10))
+
+
+def test_stream_resumes_exactly_across_epochs():
+    problems = [Problem(str(i), None, "math") for i in range(7)]
+    a = ProblemStream(problems, seed=5)
+    first = [p.prompt for p in a.take(10)]
+    state = a.state()
+    rest = [p.prompt for p in a.take(12)]
+    b = ProblemStream(problems, seed=5)
+    b.load_state(state)
+    assert [p.prompt for p in b.take(12)] == rest
+    assert sorted(first[:7]) == sorted(str(i) for i in range(7))  # each epoch a permutation
+
+
+def test_render_prompt_uses_the_chat_template_when_present():
+    from trainer.demo import build_tokenizer
+
+    tok = build_tokenizer(["hello world", "<user><assistant>"])
+    p = Problem("hello world", None, "math")
+    plain = render_prompt(p, tok)
+    assert tok.decode(plain) == "hello world"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    templated = render_prompt(p, tok)
+    assert tok.decode(templated) == "<user>hello world<assistant>"
+    assert render_prompt(p, tok, chat_template=False) == plain

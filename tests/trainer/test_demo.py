@@ -1,0 +1,63 @@
+"""The demo policy: worked solutions, an exact tokenizer, and a cached HF checkpoint that
+the engine and transformers both load."""
+
+import pytest
+import torch
+
+from trainer.config import DemoConfig
+from trainer.demo import build_tokenizer, demo_policy, task_problems, worked_solution
+from trainer.evaluate import pass_at_k
+
+
+def test_worked_solution_is_left_to_right_and_tagged():
+    assert worked_solution("4 - 1") == " 4 - 1 = 3 <answer>3</answer>"
+    assert worked_solution("12 + 7 - 25") == " 12 + 7 = 19 , 19 - 25 = -6 <answer>-6</answer>"
+    with pytest.raises(ValueError, match="not a chain_sum expression"):
+        worked_solution("4 -")
+
+
+def test_worked_solutions_match_reasoning_gym_answers():
+    cfg = DemoConfig(task_kwargs={"min_terms": 2, "max_terms": 4, "min_digits": 1,
+                                  "max_digits": 3})
+    for entry in task_problems(cfg, 50, seed=7):
+        solution = worked_solution(entry["metadata"]["expression"])
+        assert solution.endswith(f"<answer>{entry['answer']}</answer>")
+
+
+def test_tokenizer_round_trips_exactly_with_single_digit_tokens():
+    texts = ["State the answer: 12 + 7 =", " 12 + 7 = 19 <answer>19</answer>"]
+    tok = build_tokenizer(texts)
+    for t in texts + ["  odd   spacing, -3 and (x)"]:
+        ids = tok(t)["input_ids"]
+        assert tok.decode(ids) == t
+    assert len(tok(" 123")["input_ids"]) == 3  # ' 1', '2', '3'
+    assert tok.convert_tokens_to_ids("<answer>") != tok.unk_token_id
+
+
+def test_demo_policy_is_cached_and_loads_through_engine_and_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine import Engine, SamplingParams
+
+    cfg = DemoConfig(sft_steps=2, sft_examples=64, sft_batch_size=8, hidden_size=32,
+                     intermediate_size=64, num_layers=1, cache_dir=str(tmp_path))
+    path = demo_policy(cfg, progress=False)
+    assert demo_policy(cfg, progress=False) == path  # second call: the cache
+    assert len(list(tmp_path.iterdir())) == 1
+    engine = Engine(path)
+    out = engine.generate("State the final answer to the following arithmetic problem: 1 + 2 =",
+                          SamplingParams(n=2, temperature=0, max_tokens=4))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = torch.tensor([out[0].prompt_token_ids])
+    greedy = hf.generate(ids, max_new_tokens=4, do_sample=False,
+                         eos_token_id=engine.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
+    assert out[0].outputs[0].token_ids == greedy[:len(out[0].outputs[0].token_ids)]
+
+
+# hand values: (4,1,2): 1 - C(3,2)/C(4,2) = 1 - 3/6; (5,2,3): 1 - C(3,3)/C(5,3) = 1 - 1/10
+@pytest.mark.parametrize("n,c,k,want", [(4, 0, 1, 0.0), (4, 4, 2, 1.0), (4, 1, 1, 0.25),
+                                        (4, 1, 2, 0.5), (5, 2, 3, 0.9), (5, 3, 3, 1.0)])
+def test_pass_at_k_unbiased_estimator(n, c, k, want):
+    assert pass_at_k(n, c, k) == pytest.approx(want)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)

@@ -1,0 +1,83 @@
+"""Atomic checkpoints in a run directory: `checkpoints/step-000005/` holds the policy as a
+Hugging Face checkpoint (config.json, model.safetensors, tokenizer files), so any tool and
+our engine load it directly, plus `trainer_state.pt` (optimizer, LR schedule, data stream,
+RNG, step, elapsed time) for an exact `--resume`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict,
+                    ref_model=None, keep: int = 2) -> Path:
+    """Writes into a temporary directory and renames it into place, so a crash never
+    leaves a half-written checkpoint that resume would pick up. Keeps the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if ref_model is not None:
+            torch.save(ref_model.state_dict(), tmp / "reference.pt")
+        torch.save({**state, "step": step}, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run; an error naming the run dir if none."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"--resume: run directory not found: {run_dir}")
+    found = checkpoint_dirs(run_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+    return found[-1]
+
+
+def rng_state() -> dict:
+    import random
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])

@@ -1,0 +1,96 @@
+"""`brorl train | eval | plot`: the command-line entry point (argument parsing lives here
+only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from trainer.config import describe, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="brorl", description="BroRL: large-N RL for LLMs")
+    sub = ap.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train (default: the shipped CPU demo)",
+                       formatter_class=fmt, epilog="config keys (key=value overrides):\n"
+                       + describe())
+    t.add_argument("--config", default=None, help="YAML file (default: the shipped demo)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its last checkpoint")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    e = sub.add_parser("eval", help="mean@k, pass@k and response length on held-out data",
+                       formatter_class=fmt, epilog="config keys:\n" + describe())
+    e.add_argument("checkpoint", help="HF checkpoint dir, or a run dir (its last checkpoint)")
+    e.add_argument("--config", default=None)
+    e.add_argument("overrides", nargs="*", metavar="key=value")
+    p = sub.add_parser("plot", help="PNG curves of a run (accuracy, reward vs hours)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"brorl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from trainer.loop import train
+
+    if args.resume:
+        saved = Path(args.resume) / "config.yaml"
+        cfg = load_config(args.config or (saved if saved.is_file() else None), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    before, after = result["before"], result["after"]
+    if before and after:
+        k = cfg.eval.k
+        print(f"\nheld-out accuracy (mean@{k}, temperature {cfg.eval.temperature}): "
+              f"{before['eval/mean_at_k']:.3f} before -> {after['eval/mean_at_k']:.3f} after "
+              f"({100 * (after['eval/mean_at_k'] - before['eval/mean_at_k']):+.1f} points); "
+              f"pass@{k} {before['eval/pass_at_k']:.3f} -> {after['eval/pass_at_k']:.3f}; "
+              f"run dir {args.resume or cfg.output_dir}")
+    return 0
+
+
+def _eval(args) -> int:
+    from engine import Engine
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.data import load_problems
+    from trainer.evaluate import evaluate
+    from trainer.verifiers import VerifierPool
+
+    cfg = load_config(args.config, args.overrides)
+    path = Path(args.checkpoint)
+    if (path / "checkpoints").is_dir():
+        path = latest_checkpoint(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{args.checkpoint} is neither a checkpoint dir nor a run dir")
+    engine = Engine(str(path), device=cfg.model.resolved_device, dtype=cfg.model.dtype,
+                    page_size=cfg.rollout.page_size, max_kv_tokens=cfg.rollout.max_kv_tokens)
+    _, held_out = load_problems(cfg.data)
+    with VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s) as pool:
+        result = evaluate(engine, held_out, cfg, pool)
+    print(json.dumps({"checkpoint": str(path), **result}, indent=1))
+    return 0
+
+
+def _plot(args) -> int:
+    from trainer.plot import plot_run
+
+    for out in plot_run(args.run_dir, args.out):
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

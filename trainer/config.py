@@ -1,0 +1,344 @@
+"""The trainer's configuration: one frozen dataclass tree, filled from a YAML file plus
+`section.key=value` overrides. An unknown or mistyped key is an error that names it and the
+closest valid key. `brorl train --help` prints `describe()`."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import yaml
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo policy built when model.path is "demo" (see trainer/demo.py)."""
+
+    task_kwargs: dict = _f({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+                           "reasoning-gym chain_sum difficulty")
+    hidden_size: int = _f(128, "model width")
+    intermediate_size: int = _f(384, "MLP width")
+    num_layers: int = _f(4, "decoder layers")
+    num_heads: int = _f(4, "query heads")
+    num_kv_heads: int = _f(2, "KV heads (GQA)")
+    max_position_embeddings: int = _f(256, "context length")
+    sft_examples: int = _f(20000, "worked solutions generated for the warm start")
+    sft_steps: int = _f(300, "supervised warm-start steps")
+    sft_batch_size: int = _f(64, "warm-start batch size")
+    sft_lr: float = _f(3e-3, "warm-start peak learning rate")
+    sft_label_smoothing: float = _f(0.0, "warm-start label smoothing")
+    seed: int = _f(1234, "seed of the warm start and of its examples")
+    cache_dir: str = _f("~/.cache/brorl/demo", "where built demo checkpoints are kept")
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "sft_examples", "sft_steps", "sft_batch_size")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("demo.num_heads must be a multiple of demo.num_kv_heads")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _f("demo", 'HF checkpoint directory, or "demo" to build the demo policy')
+    device: str = _f("auto", '"auto" (cuda when present), "cpu" or "cuda"')
+    dtype: str = _f("float32", "engine dtype; the trainer keeps float32 master weights")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = _f("gym:chain_sum", '"gym:<reasoning-gym dataset>" or a .jsonl/.parquet '
+                    "file with prompt and answer")
+    gym_kwargs: dict = _f({}, "reasoning-gym dataset options (difficulty)")
+    size: int = _f(10000, "reasoning-gym: number of training problems generated")
+    eval: str = _f("", "held-out file; empty: split eval_size problems off the training set")
+    eval_size: int = _f(100, "held-out problems")
+    seed: int = _f(0, "dataset generation and shuffling seed")
+    verifier: str = _f("auto", 'registry name or "module:function"; "auto": reasoning_gym '
+                       'for gym data, the row\'s `verifier`, else "math"')
+    chat_template: bool = _f(True, "apply the tokenizer's chat template when it has one")
+
+    def __post_init__(self) -> None:
+        _positive(self, "size", "eval_size")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    n: int = _f(512, "samples per prompt (BroRL: 512)")
+    prompts_per_step: int = _f(4, "kept prompt groups per step")
+    max_prompts_per_step: int = _f(16, "dynamic sampling gives up after generating this many "
+                                   "groups in one step")
+    dynamic_sampling: bool = _f(True, "drop groups whose rewards are all equal and refill")
+    temperature: float = _f(1.0, "sampling temperature of rollouts")
+    top_p: float = _f(1.0, "nucleus sampling")
+    top_k: int = _f(-1, "top-k (-1: off)")
+    max_tokens: int = _f(64, "response length cap; truncated responses score 0")
+    page_size: int = _f(16, "engine KV page size")
+    max_kv_tokens: int | None = _f(None, "engine KV pool size (None: fit memory)")
+    attention_backend: str = _f("auto", "engine attention backend")
+
+    def __post_init__(self) -> None:
+        _positive(self, "n", "prompts_per_step", "max_tokens", "page_size")
+        if self.max_prompts_per_step < self.prompts_per_step:
+            raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
+        if self.temperature <= 0:
+            raise ValueError("rollout.temperature must be > 0 for RL sampling")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.n * self.prompts_per_step
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    advantage: str = _f("reinforce_pp_baseline", "reinforce_pp_baseline | grpo | dr_grpo | "
+                        "rloo")
+    loss_agg: str = _f("token-mean", "token-mean | seq-mean-token-mean")
+    eps_low: float = _f(0.2, "PPO clip below 1")
+    eps_high: float = _f(0.28, "PPO clip above 1 (clip-higher)")
+    dual_clip: float | None = _f(None, "dual-clip constant c > 1 for negative advantages")
+    num_mini_batches: int = _f(1, "optimizer steps per rollout batch")
+    old_logprobs: str = _f("behaviour", '"behaviour": the engine\'s logprobs are the old '
+                           'policy; "recompute": a trainer forward before the update')
+    kl_coef: float = _f(0.0, "KL(policy || reference) loss coefficient")
+    kl_estimator: str = _f("k2", "k1 | k2 | k3")
+    kl_clamp: float = _f(10.0, "clamp of the log-ratio inside the KL estimator")
+    ref_reset_every: int = _f(0, "copy the policy into the reference every k steps (0: never)")
+    reset_optimizer_on_ref_reset: bool = _f(False, "also clear AdamW state at a reset")
+    entropy_coef: float = _f(0.0, "entropy bonus coefficient")
+    tis: str = _f("truncate", "importance correction engine->trainer: truncate | mask | none "
+                  "(used with old_logprobs=recompute)")
+    tis_low: float = _f(0.5, "lower bound of the importance weight")
+    tis_high: float = _f(5.0, "upper bound of the importance weight")
+    truncated_reward: float | None = _f(0.0, "reward of a response cut at max_tokens "
+                                        "(None: keep the verifier's)")
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_mini_batches")
+        _choice(self, "old_logprobs", ("behaviour", "recompute"))
+        _choice(self, "tis", ("truncate", "mask", "none"))
+        _choice(self, "kl_estimator", ("k1", "k2", "k3"))
+        _choice(self, "loss_agg", ("token-mean", "seq-mean-token-mean"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _f(1e-4, "AdamW learning rate (before scale_lr)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    grad_clip: float = _f(1.0, "max global grad norm (0: off)")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    schedule: str = _f("constant", "constant | cosine")
+    scale_lr: bool = _f(False, "multiply lr by sqrt(samples per step / lr_reference_samples)")
+    lr_reference_samples: int = _f(8192, "samples per step the base lr was tuned for")
+    micro_batch_size: int = _f(64, "sequences per forward/backward")
+    logprob_chunk: int = _f(1024, "tokens per chunk of the LM head's log-softmax")
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "micro_batch_size", "logprob_chunk", "lr_reference_samples")
+        _choice(self, "schedule", ("constant", "cosine"))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(5, "evaluate every k steps (0: only before and after training)")
+    k: int = _f(8, "samples per held-out problem (mean@k, pass@k)")
+    temperature: float = _f(0.6, "evaluation temperature (BroRL: 0.6)")
+    top_p: float = _f(0.95, "evaluation nucleus sampling (BroRL: 0.95)")
+    max_tokens: int = _f(64, "evaluation response cap")
+
+    def __post_init__(self) -> None:
+        _positive(self, "k", "max_tokens")
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    num_workers: int = _f(2, "verifier processes (0: in-process, no timeouts)")
+    timeout_s: float = _f(10.0, "per-sample verifier timeout")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The whole run. Sections: model, demo, data, rollout, algorithm, optim, eval,
+    verifier; top-level keys below."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    steps: int = _f(10, "RL steps")
+    seed: int = _f(0, "seed of sampling, shuffling and initialisation")
+    output_dir: str = _f("runs/demo", "run directory (metrics.jsonl, checkpoints, plots)")
+    checkpoint_every: int = _f(5, "save a checkpoint every k steps (and at the end)")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept")
+    progress: bool = _f(True, "progress bars")
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "checkpoint_every", "keep_checkpoints")
+
+    @property
+    def lr(self) -> float:
+        """The learning rate after BroRL's sqrt scaling (when optim.scale_lr)."""
+        if not self.optim.scale_lr:
+            return self.optim.lr
+        return self.optim.lr * (self.rollout.samples_per_step
+                                / self.optim.lr_reference_samples) ** 0.5
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got "
+                             f"{getattr(obj, name)}")
+
+
+def _choice(obj, name: str, options: tuple) -> None:
+    if getattr(obj, name) not in options:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {', '.join(options)}, "
+                         f"got {getattr(obj, name)!r}")
+
+
+# -- loading ---------------------------------------------------------------------------------
+def all_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the tree, e.g. "rollout.n"."""
+    out = []
+    for f in fields(cls):
+        sub = _section_type(cls, f)
+        out += all_keys(sub, f"{prefix}{f.name}.") if sub else [prefix + f.name]
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (None: the shipped demo config) plus `a.b=value`
+    overrides (values parsed as YAML: 3, 1e-4, true, null, [1, 2])."""
+    path = DEMO_CONFIG if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        _check_key(key.strip())
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else ""
+    return build(TrainConfig, tree, "")
+
+
+def build(cls, tree: dict, prefix: str):
+    """Instantiates dataclass `cls` from a nested dict, checking every key."""
+    if not isinstance(tree, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {tree!r}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        if key not in known:
+            _check_key(prefix + str(key))
+        f = known[key]
+        sub = _section_type(cls, f)
+        kwargs[key] = build(sub, value or {}, f"{prefix}{key}.") if sub else \
+            _coerce(value, f, prefix + key)
+    return cls(**kwargs)
+
+
+def replace_in(cfg: TrainConfig, **sections) -> TrainConfig:
+    """cfg with some fields replaced (sections by keyword), e.g. for tests."""
+    return replace(cfg, **sections)
+
+
+def to_dict(cfg) -> dict:
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if is_dataclass(v) else v
+    return out
+
+
+def describe() -> str:
+    """Every key with its type, default and help, for `brorl train --help`."""
+    lines = []
+    for key in all_keys():
+        f, default = _field_of(key)
+        lines.append(f"  {key:36s} {default!r:>24s}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def _check_key(key: str) -> None:
+    keys = all_keys()
+    sections = {k.split(".")[0] for k in keys if "." in k}
+    if key in keys:
+        return
+    close = difflib.get_close_matches(key, keys + sorted(sections), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown config key {key!r}{hint} (`brorl train --help` lists them)")
+
+
+def _field_of(key: str):
+    cls, parts = TrainConfig, key.split(".")
+    for p in parts[:-1]:
+        cls = _SECTIONS[p]
+    f = {f.name: f for f in fields(cls)}[parts[-1]]
+    default = f.default if f.default is not MISSING else f.default_factory()
+    return f, default
+
+
+def _section_type(cls, f):
+    """The dataclass of a section field of TrainConfig, else None (a leaf)."""
+    return _SECTIONS.get(f.name) if cls is TrainConfig else None
+
+
+_SECTIONS = {"model": ModelConfig, "demo": DemoConfig, "data": DataConfig,
+             "rollout": RolloutConfig, "algorithm": AlgorithmConfig, "optim": OptimConfig,
+             "eval": EvalConfig, "verifier": VerifierConfig}
+
+
+def _coerce(value, f, key: str):
+    """Light type checking of a leaf value against the field's annotation."""
+    ann = str(f.type)
+    if value is None:
+        if "None" in ann:
+            return None
+        raise ValueError(f"{key} cannot be null")
+    if ann.startswith("int") and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if ann.startswith("float") and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{key} must be float, got {value!r}") from None
+    if ann.startswith("float") and isinstance(value, (int, float)) and \
+            not isinstance(value, bool):
+        return float(value)
+    checks = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict,
+              "list": list}
+    base = ann.split(" ")[0].split("|")[0]
+    want = checks.get(base)
+    if want is None or isinstance(value, want) and not (base in ("int", "float")
+                                                          and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key} must be {base}, got {value!r}")

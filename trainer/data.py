@@ -1,0 +1,149 @@
+"""Problems for RL: reasoning-gym datasets by name (procedural, offline) or local
+jsonl/parquet files, a held-out split, prompt rendering, and a resumable shuffled stream."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.config import DataConfig
+
+GYM_PREFIX = "gym:"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with what its verifier needs. `metadata` holds e.g. the reasoning-gym
+    entry ({"dataset", "entry"}) or a code problem's tests ({"tests"})."""
+
+    prompt: str
+    answer: str | None
+    verifier: str
+    metadata: dict = field(default_factory=dict)
+
+
+def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out eval). Held-out problems never appear in the training set."""
+    if cfg.train.startswith(GYM_PREFIX):
+        name = cfg.train[len(GYM_PREFIX):]
+        train = gym_problems(name, cfg.size, cfg.seed, cfg.gym_kwargs, cfg.verifier)
+        held = (file_problems(cfg.eval, cfg.verifier) if cfg.eval else
+                gym_problems(name, cfg.eval_size, cfg.seed + 1_000_003, cfg.gym_kwargs,
+                             cfg.verifier))
+    else:
+        rows = file_problems(cfg.train, cfg.verifier)
+        if cfg.eval:
+            train, held = rows, file_problems(cfg.eval, cfg.verifier)
+        else:
+            if len(rows) <= cfg.eval_size:
+                raise ValueError(f"{cfg.train} has {len(rows)} rows; need more than "
+                                 f"data.eval_size={cfg.eval_size} to split off a held-out set")
+            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
+            held = [rows[i] for i in order[:cfg.eval_size].tolist()]
+            train = [rows[i] for i in order[cfg.eval_size:].tolist()]
+    held_prompts = {p.prompt for p in held}
+    train = [p for p in train if p.prompt not in held_prompts]
+    if not train:
+        raise ValueError("no training problems left after removing the held-out ones")
+    return train, held
+
+
+def gym_problems(name: str, size: int, seed: int, kwargs: dict, verifier: str
+                 ) -> list[Problem]:
+    import reasoning_gym
+
+    try:
+        ds = reasoning_gym.create_dataset(name, size=size, seed=seed, **kwargs)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"reasoning-gym dataset {name!r} with options {kwargs}: {e}") from e
+    verifier = "reasoning_gym" if verifier == "auto" else verifier
+    out = []
+    for i in range(size):
+        entry = ds[i]
+        out.append(Problem(entry["question"], str(entry["answer"]), verifier,
+                           {"dataset": name, "entry": _jsonable(entry)}))
+    return out
+
+
+def file_problems(path: str, verifier: str) -> list[Problem]:
+    """Rows with `prompt` and `answer` (optional `verifier`, `tests`) from .jsonl or
+    .parquet. A row without a prompt is an error naming the row."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if p.suffix == ".jsonl":
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    elif p.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise RuntimeError("reading parquet needs pyarrow: pip install pyarrow") from e
+        rows = pq.read_table(p).to_pylist()
+    else:
+        raise ValueError(f"data file must be .jsonl or .parquet, got {path}")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path} row {i}: needs a string `prompt`")
+        name = verifier if verifier != "auto" else row.get("verifier") or "math"
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "verifier")}
+        answer = row.get("answer")
+        out.append(Problem(row["prompt"], None if answer is None else str(answer), name, meta))
+    return out
+
+
+def render_prompt(problem: Problem, tokenizer, chat_template: bool = True) -> list[int]:
+    """Token ids of the prompt: through the tokenizer's chat template (as a user turn, with
+    the generation prompt) when it has one and `chat_template`, else the plain text."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(problem.prompt)["input_ids"])
+
+
+class ProblemStream:
+    """Problems in a fresh seeded permutation each epoch; `state()` / `load_state()` make
+    a resumed run draw exactly the same sequence."""
+
+    def __init__(self, problems: list[Problem], seed: int) -> None:
+        self.problems, self.seed = problems, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(len(self.problems), generator=g).tolist()
+
+    def take(self, k: int) -> list[Problem]:
+        out = []
+        for _ in range(k):
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.problems[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._permutation()
+
+
+def _jsonable(obj):
+    """reasoning-gym entries hold tuples and numpy scalars; keep them picklable + JSON-able."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return obj.item()
+    return obj

@@ -1,0 +1,210 @@
+"""The embedded BroRL loop: engine and trainer in one process on one device. Each step:
+rollouts (N samples per prompt, dynamic sampling) -> advantages + clipped policy update ->
+in-process weight sync (`Engine.update_weights`) -> metrics, periodic eval, checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from engine import Engine
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from trainer.config import TrainConfig, to_dict
+from trainer.data import ProblemStream, load_problems
+from trainer.evaluate import evaluate
+from trainer.metrics import MetricsWriter, read_metrics
+from trainer.policy import load_policy, named_weights
+from trainer.rollout import collect_rollouts
+from trainer.update import policy_update
+from trainer.verifiers import VerifierPool
+
+log = logging.getLogger("brorl")
+
+
+@dataclass
+class Run:
+    """Everything a step touches."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    engine: Engine
+    model: torch.nn.Module
+    ref_model: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    stream: ProblemStream
+    held_out: list
+    pool: VerifierPool
+    metrics: MetricsWriter
+    step: int = 0
+    elapsed_s: float = 0.0  # training wall time, carried across resumes
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Runs (or resumes) a training run; returns {"before": eval, "after": eval}."""
+    run = setup(cfg, resume)
+    try:
+        if run.step == 0:
+            _log_eval(run, 0, {"elapsed_s": 0.0})
+        while run.step < cfg.steps:
+            train_step(run)
+    finally:
+        run.pool.close()
+        run.metrics.close()
+    return summary(run.run_dir)
+
+
+def setup(cfg: TrainConfig, resume: str | None) -> Run:
+    run_dir = Path(resume or cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path = str(ckpt) if ckpt else _initial_policy(cfg)
+    device = cfg.model.resolved_device
+    r = cfg.rollout
+    engine = Engine(path, device=device, dtype=cfg.model.dtype, page_size=r.page_size,
+                    max_kv_tokens=r.max_kv_tokens, attention_backend=r.attention_backend)
+    if engine.tokenizer is None:
+        raise ValueError(f"{path} has no tokenizer; the trainer needs one to render prompts")
+    model = load_policy(path, device)
+    ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    train_set, held_out = load_problems(cfg.data)
+    run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler,
+              ProblemStream(train_set, cfg.seed), held_out,
+              VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s),
+              MetricsWriter(run_dir))
+    if ckpt is not None:
+        _restore(run, ckpt)
+    log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per step",
+             path, device, len(train_set), len(held_out), r.n, r.prompts_per_step)
+    return run
+
+
+def train_step(run: Run) -> dict:
+    cfg, step = run.cfg, run.step + 1
+    start = time.perf_counter()
+    rollouts = collect_rollouts(run.engine, run.stream, run.pool, cfg, step)
+    metrics = dict(rollouts.metrics)
+    if rollouts.groups:
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        metrics.update(policy_update(run.model, run.optimizer, run.scheduler, rollouts.groups,
+                                     cfg, run.engine.tokenizer.pad_token_id or 0,
+                                     run.ref_model, gen))
+    else:
+        log.warning("step %d: every group had equal rewards; no update", step)
+    t0 = time.perf_counter()
+    run.engine.update_weights(named_weights(run.model), version=step)
+    metrics["weight_sync/seconds"] = time.perf_counter() - t0
+    a = cfg.algorithm
+    if a.ref_reset_every and run.ref_model is not None and step % a.ref_reset_every == 0:
+        run.ref_model.load_state_dict(run.model.state_dict())
+        if a.reset_optimizer_on_ref_reset:
+            run.optimizer.state.clear()
+        metrics["train/ref_reset"] = 1
+    run.step = step
+    run.elapsed_s += time.perf_counter() - start
+    metrics["elapsed_s"] = run.elapsed_s
+    metrics["step_seconds"] = time.perf_counter() - start
+    if cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.steps:
+        _log_eval(run, step, metrics)
+    else:
+        run.metrics.log(step, metrics)
+    _console(step, cfg.steps, metrics)
+    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        _checkpoint(run)
+    return metrics
+
+
+def _log_eval(run: Run, step: int, metrics: dict) -> None:
+    t0 = time.perf_counter()
+    result = evaluate(run.engine, run.held_out, run.cfg, run.pool)
+    result["eval/seconds"] = time.perf_counter() - t0
+    run.metrics.log(step, {**metrics, **result})
+    log.info("step %d eval: mean@%d %.3f, pass@%d %.3f, %.1f response tokens", step,
+             run.cfg.eval.k, result["eval/mean_at_k"], run.cfg.eval.k,
+             result["eval/pass_at_k"], result["eval/mean_response_tokens"])
+
+
+def _console(step: int, steps: int, m: dict) -> None:
+    log.info("step %d/%d: reward %.3f, pass rate %.2f (predicted %.2f; at N=16 %.2f), "
+             "%.0f samples/s, loss %s, %.1f s", step, steps, m["reward/mean"],
+             m["rollout/pass_rate"], m["rollout/predicted_pass_rate"],
+             m["rollout/predicted_pass_rate_n16"], m["rollout/samples_per_s"],
+             f"{m['train/loss']:.4f}" if "train/loss" in m else "-", m["step_seconds"])
+
+
+def _checkpoint(run: Run) -> None:
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "stream": run.stream.state(), "rng": rng_state(), "elapsed_s": run.elapsed_s,
+             "config": to_dict(run.cfg)}
+    path = save_checkpoint(run.run_dir, run.step, run.model, run.engine.tokenizer, state,
+                           run.ref_model, run.cfg.keep_checkpoints)
+    log.info("checkpoint: %s", path)
+
+
+def _restore(run: Run, ckpt: Path) -> None:
+    state = load_state(ckpt)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.stream.load_state(state["stream"])
+    set_rng_state(state["rng"])
+    run.step, run.elapsed_s = int(state["step"]), float(state["elapsed_s"])
+    if run.ref_model is not None and (ckpt / "reference.pt").is_file():
+        run.ref_model.load_state_dict(torch.load(ckpt / "reference.pt", map_location="cpu"))
+    run.metrics.truncate_after(run.step)
+    run.engine.policy_version = run.step
+    log.info("resumed from %s (step %d)", ckpt, run.step)
+
+
+def _initial_policy(cfg: TrainConfig) -> str:
+    if cfg.model.path == "demo":
+        from trainer.demo import demo_policy
+
+        return demo_policy(cfg.demo, cfg.progress)
+    if not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a checkpoint directory "
+                                f"(no config.json)")
+    return cfg.model.path
+
+
+def _frozen_copy(model):
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def _lr_lambda(cfg: TrainConfig):
+    total = cfg.steps * cfg.algorithm.num_mini_batches
+    warmup = cfg.optim.warmup_steps
+
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if cfg.optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warmup) / max(1, total - warmup))))
+        return 1.0
+    return factor
+
+
+def summary(run_dir: Path) -> dict:
+    """The first and the last evaluation of a run, from its metrics.jsonl."""
+    evals = [r for r in read_metrics(run_dir) if r.get("eval/mean_at_k") is not None]
+    return {"before": evals[0] if evals else None, "after": evals[-1] if evals else None}

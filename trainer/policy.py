@@ -1,0 +1,85 @@
+"""The trainer's policy: a Hugging Face `AutoModelForCausalLM`, and token logprobs + entropy
+of response tokens computed in chunks of positions (the batch x length x vocab log-softmax
+is never built; each chunk's logits are recomputed in backward instead of stored)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def load_policy(path: str, device: str | torch.device = "cpu"):
+    """The checkpoint as a float32 (master weights) `AutoModelForCausalLM` in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.to(device).train()
+
+
+def pad_batch(seqs: list[list[int]], starts: list[int], pad_id: int, device=None):
+    """Right-padded ids [B, L], and for the L-1 next-token positions: targets [B, L-1] and
+    the response mask [B, L-1] (True where the target is a response token, i.e. at or
+    after its sequence's `start`)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+    for row, (s, start) in enumerate(zip(seqs, starts)):
+        if not 0 < start < len(s):
+            raise ValueError(f"sequence {row}: response start {start} outside (0, {len(s)})")
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, start - 1:len(s) - 1] = True
+    return ids.to(device), ids[:, 1:].to(device), mask.to(device)
+
+
+def _chunk_stats(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logprob = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    probs = torch.softmax(logits, dim=-1)
+    entropy = lse - (probs * logits).sum(-1)
+    return torch.stack([logprob, entropy])
+
+
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                   temperature: float = 1.0, chunk: int = 1024,
+                   with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) under softmax(logits / temperature), and the entropy of that
+    distribution, at the masked positions; both [B, L-1] with zeros elsewhere.
+
+    ids [B, L] right-padded (right padding needs no attention mask under a causal model);
+    targets and mask [B, L-1] from `pad_batch`. Positions are processed `chunk` at a time.
+    """
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # [B, L-1, H]
+    head = model.get_output_embeddings()
+    flat_h = hidden[mask]
+    flat_t = targets[mask]
+    pieces = []
+    for i in range(0, flat_h.shape[0], chunk):
+        h, t = flat_h[i:i + chunk], flat_t[i:i + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(_chunk_stats, h, head.weight, head.bias, t, temperature,
+                                     use_reentrant=False))
+        else:
+            pieces.append(_chunk_stats(h, head.weight, head.bias, t, temperature))
+    stats = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros((2, 0))
+    logprobs = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    entropy = hidden.new_zeros(mask.shape, dtype=torch.float32)
+    logprobs = logprobs.masked_scatter(mask, stats[0])
+    entropy = entropy.masked_scatter(mask, stats[1]) if with_entropy else entropy
+    return logprobs, entropy
+
+
+def token_logprobs_ref(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                       temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference: the full log-softmax over every position (tests only)."""
+    logits = model(input_ids=ids).logits[:, :-1].float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    ent = -(logp.exp() * logp).sum(-1)
+    return lp * mask, ent * mask
+
+
+def named_weights(model):
+    """(HF name, tensor) pairs as the engine's `update_weights` expects them."""
+    return [(name, p.detach()) for name, p in model.named_parameters()]

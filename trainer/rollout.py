@@ -1,0 +1,131 @@
+"""One step's rollouts: generate N samples per prompt with the engine, score them, and keep
+groups by dynamic sampling (rewards not all equal), over-sampling until the step has its
+configured number of kept groups."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine import SamplingParams
+from trainer.algorithms import group_keep_mask, predicted_keep_rate
+from trainer.config import TrainConfig
+from trainer.data import Problem, ProblemStream, render_prompt
+from trainer.verifiers import VerifyItem
+
+
+@dataclass
+class Group:
+    """One prompt and its N samples. rewards [N]; the lists are per sample."""
+
+    problem: Problem
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    behaviour_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    rewards: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class Rollouts:
+    groups: list[Group]  # the kept groups
+    metrics: dict = field(default_factory=dict)
+
+
+def sample_seed(run_seed: int, step: int, draw: int, index: int) -> int:
+    """A distinct engine seed per (run, step, draw, prompt): a resumed run draws the same
+    samples, and no two prompts share noise."""
+    return (run_seed * 1_000_003 + step * 10_007 + draw * 101 + index) % (2**63)
+
+
+def generate_groups(engine, problems: list[Problem], cfg: TrainConfig, seeds: list[int],
+                    pool, n: int, temperature: float, top_p: float, top_k: int,
+                    max_tokens: int, progress: bool = False) -> list[Group]:
+    """N samples for each problem, scored. Truncated responses get
+    algorithm.truncated_reward (when set)."""
+    prompts = [render_prompt(p, engine.tokenizer, cfg.data.chat_template) for p in problems]
+    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                             max_tokens=max_tokens, seed=s) for s in seeds]
+    outs = engine.generate(prompts, params, use_tqdm=progress)
+    items = [VerifyItem(c.text or "", p.answer, p.verifier, p.metadata)
+             for p, o in zip(problems, outs) for c in o.outputs]
+    results = pool.score(items)
+    groups, k = [], 0
+    for p, ids, o in zip(problems, prompts, outs):
+        scores = []
+        for c in o.outputs:
+            r = results[k].score
+            k += 1
+            if c.finish_reason == "length" and cfg.algorithm.truncated_reward is not None:
+                r = cfg.algorithm.truncated_reward
+            scores.append(r)
+        groups.append(Group(p, ids, [c.token_ids for c in o.outputs],
+                            [c.logprobs for c in o.outputs],
+                            [c.finish_reason for c in o.outputs],
+                            torch.tensor(scores, dtype=torch.float32)))
+    return groups
+
+
+def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step: int
+                     ) -> Rollouts:
+    """Draws prompts until `prompts_per_step` groups are kept (or `max_prompts_per_step`
+    were generated), as BroRL/DAPO dynamic sampling does. Metrics: pass rate (kept /
+    generated groups) beside the rate predicted from each group's solve rate q,
+    1 - q^N - (1-q)^N, reward and length statistics, throughput."""
+    r = cfg.rollout
+    kept, generated, draw = [], [], 0
+    before = dict(pool.stats)
+    start = time.perf_counter()
+    while len(kept) < r.prompts_per_step and len(generated) < r.max_prompts_per_step:
+        need = r.prompts_per_step - len(kept)
+        k = min(need, r.max_prompts_per_step - len(generated))
+        problems = stream.take(k)
+        seeds = [sample_seed(cfg.seed, step, draw, i) for i in range(k)]
+        groups = generate_groups(engine, problems, cfg, seeds, pool, r.n, r.temperature,
+                                 r.top_p, r.top_k, r.max_tokens, cfg.progress)
+        generated += groups
+        keep = (group_keep_mask(torch.stack([g.rewards for g in groups]))
+                if r.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool))
+        kept += [g for g, m in zip(groups, keep.tolist()) if m]
+        draw += 1
+        if not r.dynamic_sampling:
+            break
+    seconds = time.perf_counter() - start
+    metrics = rollout_metrics(generated, kept, seconds)
+    for key in ("timeouts", "errors"):  # those samples scored 0; the run goes on
+        metrics[f"verifier/{key}"] = pool.stats[key] - before[key]
+    return Rollouts(kept, metrics)
+
+
+def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -> dict:
+    rewards = torch.stack([g.rewards for g in generated])  # [G, N]
+    q = rewards.gt(0.5).float().mean(1)  # solve rate of each prompt (binary rewards)
+    n = rewards.shape[1]
+    lengths = torch.tensor([len(ids) for g in generated for ids in g.response_ids],
+                           dtype=torch.float32)
+    truncated = sum(f == "length" for g in generated for f in g.finish_reasons)
+    samples = rewards.numel()
+    return {
+        "rollout/groups_generated": len(generated),
+        "rollout/groups_kept": len(kept),
+        "rollout/pass_rate": len(kept) / len(generated),
+        "rollout/predicted_pass_rate": float(predicted_keep_rate(q, n).mean()),
+        # what the same prompts would keep at ProRL's N=16 (BroRL: 41% there, 62% at 512)
+        "rollout/predicted_pass_rate_n16": float(predicted_keep_rate(q, 16).mean()),
+        "rollout/all_correct_groups": int((q == 1).sum()),
+        "rollout/all_wrong_groups": int((q == 0).sum()),
+        "rollout/seconds": seconds,
+        "rollout/samples_per_s": samples / seconds,
+        "rollout/tokens_per_s": float(lengths.sum()) / seconds,
+        "reward/mean": float(rewards.mean()),
+        "reward/kept_mean": float(torch.stack([g.rewards for g in kept]).mean())
+        if kept else None,
+        "response/mean_tokens": float(lengths.mean()),
+        "response/truncated_fraction": truncated / samples,
+    }
