@@ -18,6 +18,7 @@ setup(
     description="High-throughput large-N rollout engine and BroRL training loop",
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
                                     "trainer", "trainer.*"]),
+    package_data={"trainer": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is not pinned: CPU users `pip install torch==2.13.0` first, GPU users
@@ -33,8 +34,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "triton>=3.2", "reasoning-gym>=0.1.19", "math-verify>=0.7",
-                 "ruff"],
-        "train": ["reasoning-gym>=0.1.19", "math-verify>=0.7", "matplotlib"],
+                 "matplotlib", "pyarrow", "ruff"],
+        "train": ["reasoning-gym>=0.1.19", "math-verify>=0.7", "matplotlib", "pyarrow"],
     },
     ext_modules=get_extensions(),
     entry_points={"console_scripts": ["brorl=trainer.cli:main"]},

@@ -27,11 +27,11 @@ def test_worked_solutions_match_reasoning_gym_answers():
 def test_tokenizer_round_trips_exactly_with_single_digit_tokens():
     texts = ["State the answer: 12 + 7 =", " 12 + 7 = 19 <answer>19</answer>"]
     tok = build_tokenizer(texts)
-    for t in texts + ["  odd   spacing, -3 and (x)"]:
+    for t in texts + [" 12 + 7 , -3 (x) the answer"]:  # known words, new arrangement
         ids = tok(t)["input_ids"]
         assert tok.decode(ids) == t
     assert len(tok(" 123")["input_ids"]) == 3  # ' 1', '2', '3'
-    assert tok.convert_tokens_to_ids("<answer>") != tok.unk_token_id
+    assert tok.convert_tokens_to_ids(" <answer>") != tok.unk_token_id  # one token
 
 
 def test_demo_policy_is_cached_and_loads_through_engine_and_transformers(tmp_path):
