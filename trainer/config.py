@@ -32,7 +32,7 @@ class DemoConfig:
     num_kv_heads: int = _f(2, "KV heads (GQA)")
     max_position_embeddings: int = _f(256, "context length")
     sft_examples: int = _f(20000, "worked solutions generated for the warm start")
-    sft_steps: int = _f(300, "supervised warm-start steps")
+    sft_steps: int = _f(500, "supervised warm-start steps")
     sft_batch_size: int = _f(64, "warm-start batch size")
     sft_lr: float = _f(3e-3, "warm-start peak learning rate")
     sft_label_smoothing: float = _f(0.0, "warm-start label smoothing")
