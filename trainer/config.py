@@ -5,7 +5,7 @@ closest valid key. `brorl train --help` prints `describe()`."""
 from __future__ import annotations
 
 import difflib
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -264,11 +264,6 @@ def build(cls, tree: dict, prefix: str):
         kwargs[key] = build(sub, value or {}, f"{prefix}{key}.") if sub else \
             _coerce(value, f, prefix + key)
     return cls(**kwargs)
-
-
-def replace_in(cfg: TrainConfig, **sections) -> TrainConfig:
-    """cfg with some fields replaced (sections by keyword), e.g. for tests."""
-    return replace(cfg, **sections)
 
 
 def to_dict(cfg) -> dict:
