@@ -74,8 +74,12 @@ def task_problems(cfg: DemoConfig, size: int, seed: int) -> list[dict]:
     return [ds[i] for i in range(size)]
 
 
+# Bump when the warm-start recipe (code, not config) changes, so stale caches are rebuilt.
+RECIPE_VERSION = 1
+
+
 def cache_key(cfg: DemoConfig) -> str:
-    blob = json.dumps(asdict(cfg), sort_keys=True).encode()
+    blob = json.dumps({"recipe": RECIPE_VERSION, **asdict(cfg)}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
