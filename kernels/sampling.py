@@ -149,13 +149,19 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         impl = "numba" if logits.device.type == "cpu" and _numba_available() else "torch"
     if impl == "torch":
         return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned)
-    from kernels.sampling_numba import inverse_cdf_numba
+    from kernels.sampling_numba import sample_numba
 
+    truncating = bool((top_k > 0).any() or (top_p < 1.0).any() or (min_p > 0).any())
+    if banned is None and not truncating:  # the common case: one fused pass over raw logits
+        tokens, _, logprobs = sample_numba(logits.float(), temperature, None, keys)
+        return tokens, logprobs
     z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
-    tokens, lse = inverse_cdf_numba(zb, thr, keys)
+    greedy = temperature == 0
+    tokens, lse, logprobs = sample_numba(zb, torch.where(greedy, 0.0, 1.0), thr, keys)
     if banned is not None:
         lse = _lse64(z)
-    return _finish(logits, z, zb, temperature, tokens, lse)
+        logprobs = (z.gather(1, tokens[:, None])[:, 0].double() - lse).float()
+    return tokens, logprobs
 
 
 def _numba_available() -> bool:

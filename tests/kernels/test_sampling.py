@@ -136,3 +136,33 @@ def test_banned_tokens_are_never_drawn_but_logprobs_use_the_full_vocabulary():
     tokens, lp = sample(logits, *params(2000), keys_for(2000), banned)
     assert not (tokens == 0).any()
     torch.testing.assert_close(lp, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0])
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_numba_sampler_equals_reference_with_mixed_rows(truncate):
+    """Rows with different temperatures (greedy ones among them) in one batch: the fused
+    path (no truncation, scaling inside the kernel) and the truncating path."""
+    torch.manual_seed(1)
+    B, V = 48, 1000
+    logits = torch.randn(B, V) * 4
+    temperature = torch.tensor([0.0, 0.3, 1.0, 1.7] * (B // 4))
+    top_k = torch.tensor([0, 0, 50, 0] * (B // 4)) if truncate else torch.zeros(B, dtype=int)
+    top_p = torch.full((B,), 0.9 if truncate else 1.0)
+    min_p = torch.zeros(B)
+    keys = keys_for(B, seed=3, position=7)
+    t_ref, lp_ref = sample_ref(logits, temperature, top_k, top_p, min_p, keys)
+    t_nb, lp_nb = sample(logits, temperature, top_k, top_p, min_p, keys, impl="numba")
+    assert torch.equal(t_ref, t_nb)
+    torch.testing.assert_close(lp_ref, lp_nb)
+    assert torch.equal(t_nb[::4], logits[::4].argmax(-1))
+
+
+def test_vectorised_exp_is_within_an_ulp_of_libm():
+    from kernels.sampling_numba import _exp_nonpositive
+
+    xs = np.concatenate([-np.random.default_rng(0).random(20000) * 50,
+                         -np.random.default_rng(1).random(2000) * 700, [0.0, -1e-300, -707.9]])
+    got = np.array([_exp_nonpositive(x) for x in xs])
+    want = np.exp(xs)
+    assert np.all(np.abs(got - want) <= 2.3e-16 * want), np.max(np.abs(got - want) / want)
+    assert _exp_nonpositive(-np.inf) == 0.0 and _exp_nonpositive(-800.0) == 0.0
