@@ -85,6 +85,9 @@ class NumbaBackend(TorchBackend):
 
 
 BACKENDS = {"torch": TorchBackend, "numba": NumbaBackend}
+# Backends whose modules import optional packages (triton, the C++ extension) are named
+# here as "module:Class" and imported only when chosen.
+LAZY_BACKENDS: dict[str, str] = {}
 
 
 def _auto(kv: KVPool, device: torch.device) -> str:
@@ -97,13 +100,22 @@ def _auto(kv: KVPool, device: torch.device) -> str:
     return "torch"
 
 
+def _resolve(name: str):
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if name in LAZY_BACKENDS:
+        import importlib
+
+        module, cls = LAZY_BACKENDS[name].split(":")
+        return getattr(importlib.import_module(module), cls)
+    raise ValueError(f"attention backend {name!r} is not available; available: "
+                     f"{', '.join(['auto', *BACKENDS, *LAZY_BACKENDS])}")
+
+
 def make_backend(name: str, kv: KVPool, scale: float, cascade: bool, device: torch.device):
     """Resolves "auto" for the device and dtype, and builds the backend."""
     if name == "auto":
         name = _auto(kv, device)
     if name == "numba" and (device.type != "cpu" or kv.k.dtype != torch.float32):
         raise ValueError("the numba attention backend runs float32 on CPU only")
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available; available: "
-                         f"{', '.join(['auto', *BACKENDS])}")
-    return BACKENDS[name](kv, scale, cascade)
+    return _resolve(name)(kv, scale, cascade)
