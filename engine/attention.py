@@ -87,7 +87,7 @@ class NumbaBackend(TorchBackend):
 BACKENDS = {"torch": TorchBackend, "numba": NumbaBackend}
 # Backends whose modules import optional packages (triton, the C++ extension) are named
 # here as "module:Class" and imported only when chosen.
-LAZY_BACKENDS: dict[str, str] = {}
+LAZY_BACKENDS: dict[str, str] = {"triton": "engine.attention_triton:TritonBackend"}
 
 
 def _auto(kv: KVPool, device: torch.device) -> str:
@@ -97,6 +97,12 @@ def _auto(kv: KVPool, device: torch.device) -> str:
         except ImportError:
             return "torch"
         return "numba"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch"
+        return "triton"
     return "torch"
 
 

@@ -304,6 +304,9 @@ def cascade_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     signature compatibility and ignored (the suffix stage is always the Triton kernel)."""
     _check_q(q, k_cache, v_cache)
     B = q.shape[0]
+    if group_rows.shape[0] == 0:
+        return paged_decode_triton(q, k_cache, v_cache, suffix_pages, suffix_lens, scale,
+                                   suffix_splits)[0]
     check_int("suffix_pages", suffix_pages, 2, q.device, rows=B)
     check_int("suffix_lens", suffix_lens, 1, q.device, rows=B)
     max_suffix = suffix_pages.shape[1] * k_cache.shape[1]
