@@ -1,0 +1,178 @@
+"""Weight sync: the bucket packing against the plain tensors, and two real processes over
+gloo (spawned, free ports): a synced engine generates what transformers generates with the
+trainer's new weights; a bad manifest is refused with the engine unchanged; a receiver
+killed mid-sync gives the sender a clear error within the timeout."""
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+from tests.engine.test_models import hf_greedy
+from tests.helpers import make_checkpoint
+from trainer.weight_sync import (
+    ManifestRefused,
+    WeightSyncError,
+    make_receiver,
+    make_sender,
+)
+from trainer.weight_sync.channel import free_port
+from trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
+from trainer.weight_sync.protocol import Manifest, check_manifest, pack, plan_buckets, unpack
+
+PROMPT = list(range(3, 23))
+MAX_NEW = 8
+TIMEOUT_S = 20.0
+
+
+def test_buckets_round_trip_every_tensor_exactly():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (1,), (129,), (5, 5, 2), (1000,), (2, 1)]
+    named = [(f"p{i}", torch.randn(s, generator=gen, dtype=d)) for i, (s, d) in
+             enumerate(zip(shapes, [torch.float32, torch.bfloat16] * 3))]
+    manifest = plan_buckets(named, bucket_bytes=512, version=7)
+    assert Manifest.from_bytes(manifest.to_bytes()) == manifest
+    assert len(manifest.buckets) >= 3  # split by dtype and by size; 1000 floats alone
+    dtypes = {n: str(t.dtype).removeprefix("torch.") for n, t in named}
+    for b in manifest.buckets:  # one dtype per bucket, at most 512 bytes unless one tensor
+        assert {dtypes[e.name] for e in b.entries} == {b.dtype}
+        assert b.num_bytes <= 512 or len(b.entries) == 1
+    got = {}
+    for b in manifest.buckets:
+        buf = torch.empty(b.numel, dtype=getattr(torch, b.dtype))
+        got.update(unpack(b, pack(b, dict(named), buf).clone()))
+    assert set(got) == {n for n, _ in named}
+    for name, t in named:
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t)
+
+
+def test_plan_buckets_rejects_integer_tensors():
+    with pytest.raises(TypeError, match="p0.*int64"):
+        plan_buckets([("p0", torch.zeros(3, dtype=torch.int64))], 1024, 0)
+
+
+def test_check_manifest_names_the_bad_tensor(qwen2):
+    from engine import Engine
+
+    engine = Engine(qwen2[0], page_size=4, max_kv_tokens=256)
+    named = list(qwen2[1].named_parameters())
+    check_manifest(engine, plan_buckets(named, 1 << 20, 1))
+    bad = [(n, torch.zeros(3) if n == "model.norm.weight" else p) for n, p in named]
+    with pytest.raises(ValueError, match="model.norm.weight.*shape"):
+        check_manifest(engine, plan_buckets(bad, 1 << 20, 1))
+    with pytest.raises(ValueError, match="missing parameters"):
+        check_manifest(engine, plan_buckets(named[1:], 1 << 20, 1))
+
+
+# -- two processes ---------------------------------------------------------------------
+def _receiver(path, port, mode, queue):
+    """A rollout worker: one engine, receives syncs; reports what it saw on `queue`."""
+    torch.set_num_threads(1)
+    from engine import Engine, SamplingParams
+
+    engine = Engine(path, page_size=4, max_kv_tokens=1024)
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    rx = make_receiver("gloo", engine, host="127.0.0.1", port=port, rank=1, world_size=2,
+                       timeout_s=TIMEOUT_S)
+    report = {"before": engine.generate([PROMPT], greedy)[0].outputs[0].token_ids}
+    if mode == "die":  # the manifest and one bucket arrive, then the process dies
+        from trainer.weight_sync.sync import _agree, _recv_bytes
+
+        manifest = Manifest.from_bytes(_recv_bytes(rx.channel))
+        _agree(rx.channel, None, "manifest")
+        rx.channel.broadcast(torch.empty(manifest.buckets[0].num_bytes, dtype=torch.uint8), 0)
+        os._exit(3)
+    refusals = []
+    for _ in range(2 if mode == "refuse" else 0):
+        try:
+            rx.receive()
+        except ManifestRefused as err:
+            refusals.append(str(err))
+        report.setdefault("after_refusals", []).append(
+            (engine.generate([PROMPT], greedy)[0].outputs[0].token_ids,
+             engine.stats()["policy_version"]))
+    report["refusals"] = refusals
+    report["version"] = rx.receive()
+    report["after"] = engine.generate([PROMPT], greedy)[0].outputs[0].token_ids
+    report["logits"] = engine_logits(engine, PROMPT)
+    queue.put(report)
+    rx.close()
+
+
+def _start(path, mode):
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    proc = ctx.Process(target=_receiver, args=(path, port, mode, queue), daemon=True)
+    proc.start()
+    return proc, queue, port
+
+
+@pytest.fixture(scope="module")
+def trainer_model(tmp_path_factory):
+    """The trainer's 'new' weights: another random model of the same architecture."""
+    return make_checkpoint(tmp_path_factory.mktemp("new"), "qwen2", seed=1)
+
+
+def test_gloo_sync_makes_engine_generate_like_transformers(qwen2, trainer_model):
+    proc, queue, port = _start(qwen2[0], "ok")
+    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=TIMEOUT_S,
+                     bucket_bytes=40_000)  # several buckets
+    stats = tx.send(list(trainer_model.named_parameters()), version=5)
+    report = queue.get(timeout=60)
+    proc.join(30)
+    tx.close()
+    assert stats["buckets"] > 2
+    assert report["version"] == 5
+    expected, _ = hf_greedy(trainer_model, PROMPT, MAX_NEW)
+    old, _ = hf_greedy(qwen2[1], PROMPT, MAX_NEW)
+    assert report["before"] == old and expected != old  # the test can tell them apart
+    assert report["after"] == expected
+    assert probe_diff(report["logits"], trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
+
+
+def test_bad_manifest_is_refused_and_leaves_engine_unchanged(qwen2, trainer_model):
+    proc, queue, port = _start(qwen2[0], "refuse")
+    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=TIMEOUT_S,
+                     bucket_bytes=40_000)
+    named = list(trainer_model.named_parameters())
+    wrong_shape = [(n, p[:-1] if n.endswith("layers.1.mlp.up_proj.weight") else p)
+                   for n, p in named]
+    with pytest.raises(ManifestRefused, match="layers.1.mlp.up_proj.weight.*shape"):
+        tx.send(wrong_shape, version=1)
+    missing = [(n, p) for n, p in named if n != "model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ManifestRefused, match="missing.*layers.0.self_attn.k_proj.weight"):
+        tx.send(missing, version=2)
+    tx.send(named, version=3)  # the group is still usable after refusals
+    report = queue.get(timeout=60)
+    proc.join(30)
+    tx.close()
+    assert len(report["refusals"]) == 2
+    assert report["after_refusals"] == [(report["before"], 0)] * 2
+    assert report["version"] == 3
+    assert report["after"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
+
+
+def test_receiver_killed_mid_sync_is_a_clear_error_and_trainer_state_survives(
+        qwen2, trainer_model, tmp_path):
+    proc, _, port = _start(qwen2[0], "die")
+    timeout = 8.0
+    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=timeout,
+                     bucket_bytes=20_000)
+    before = {k: v.clone() for k, v in trainer_model.state_dict().items()}
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match="rollout worker rank.*1.*timeout 8 s") as err:
+        tx.send(list(trainer_model.named_parameters()), version=1)
+    assert "Connection" in str(err.value) or "timed out" in str(err.value).lower()
+    assert time.monotonic() - start < timeout + 5
+    proc.join(10)
+    assert proc.exitcode == 3
+    tx.close()
+    # the trainer's weights are intact and a checkpoint still saves and loads
+    trainer_model.save_pretrained(str(tmp_path / "ckpt"))
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -1,0 +1,187 @@
+"""Transports of the weight-sync group: a dedicated group between the trainer (rank 0) and
+the rollout workers (ranks 1..W), separate from any data-parallel group the trainer has.
+
+Each channel offers the two collectives the protocol needs: an in-place `broadcast` of a
+byte/int tensor from a root, and an in-place MAX `allreduce` of a small int64 tensor.
+`GlooChannel` uses torch's ProcessGroupGloo over its own TCPStore (no init_process_group, so
+it never collides with a default group); `NcclChannel` uses cupy's NCCL bindings with the
+unique id passed through a TCPStore. Both turn a peer that is gone or late into a
+`WeightSyncError` that names the group's peers and the timeout."""
+
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import torch
+
+from trainer.weight_sync.protocol import WeightSyncError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for the group's store)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class Channel:
+    """Base class: rank, world size, the device its buffers live on, and two collectives."""
+
+    name = "base"
+    device = torch.device("cpu")
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a group of world size {world_size}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        """Overwrites `t` on every rank with rank `src`'s `t` (in place)."""
+        raise NotImplementedError
+
+    def allreduce_max(self, t: torch.Tensor) -> None:
+        """Overwrites int64 `t` with its element-wise maximum over the ranks (in place)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases the group's resources."""
+
+    def peers(self) -> str:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        who = "trainer rank 0" if self.rank else "rollout worker rank(s)"
+        return f"{who} {', '.join(map(str, [r for r in others if r or not self.rank]))}"
+
+    def _fail(self, what: str, start: float, err: BaseException) -> WeightSyncError:
+        return WeightSyncError(
+            f"weight sync ({self.name}, rank {self.rank} of {self.world_size}): {what} with "
+            f"{self.peers()} failed after {time.monotonic() - start:.1f} s (timeout "
+            f"{self.timeout_s:g} s); the peer is gone or stalled: {err}")
+
+
+class GlooChannel(Channel):
+    """torch ProcessGroupGloo between CPU processes (loopback or TCP)."""
+
+    name = "gloo"
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int,
+                 timeout_s: float = 300.0, prefix: str = "brorl_weight_sync") -> None:
+        super().__init__(rank, world_size, timeout_s)
+        import torch.distributed as dist
+
+        self._dist = dist
+        timeout = timedelta(seconds=timeout_s)
+        start = time.monotonic()
+        try:
+            self._store = dist.TCPStore(host, port, world_size, rank == 0, timeout,
+                                        wait_for_workers=False)
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self._store), rank,
+                                             world_size, timeout)
+        except RuntimeError as err:
+            raise self._fail(f"joining the group at {host}:{port}", start, err) from err
+
+    def _run(self, work, what: str, start: float) -> None:
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise self._fail(what, start, err) from err
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        opts = self._dist.BroadcastOptions()
+        opts.rootRank = src
+        start = time.monotonic()
+        self._run(self._pg.broadcast([t], opts), f"broadcast of {t.numel()} elements", start)
+
+    def allreduce_max(self, t: torch.Tensor) -> None:
+        opts = self._dist.AllreduceOptions()
+        opts.reduceOp = self._dist.ReduceOp.MAX
+        start = time.monotonic()
+        self._run(self._pg.allreduce([t], opts), "all-reduce", start)
+
+    def close(self) -> None:
+        self._pg = None
+        self._store = None
+
+
+class NcclChannel(Channel):
+    """NCCL through `cupy.cuda.nccl` between GPU processes; tensors are torch CUDA tensors
+    on `device`, launched on its current stream and waited for with a deadline."""
+
+    name = "nccl"
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int,
+                 timeout_s: float = 300.0, device: str | torch.device = "cuda") -> None:
+        super().__init__(rank, world_size, timeout_s)
+        try:
+            from cupy.cuda import nccl
+        except ImportError as err:
+            raise ImportError("the nccl weight-sync transport needs cupy with NCCL "
+                              "(pip install cupy-cuda12x or cupy-cuda13x)") from err
+        import cupy
+        import torch.distributed as dist
+
+        self._nccl = nccl
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"NcclChannel needs a CUDA device, got {self.device}")
+        index = self.device.index if self.device.index is not None \
+            else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        start = time.monotonic()
+        try:
+            store = dist.TCPStore(host, port, world_size, rank == 0,
+                                  timedelta(seconds=timeout_s), wait_for_workers=False)
+            if rank == 0:
+                store.set("nccl_unique_id", _uid_to_bytes(nccl.get_unique_id()))
+            uid = _uid_from_bytes(store.get("nccl_unique_id"))
+            with cupy.cuda.Device(index):
+                self._comm = nccl.NcclCommunicator(world_size, uid, rank)
+        except RuntimeError as err:
+            raise self._fail(f"joining the group at {host}:{port}", start, err) from err
+        self._store = store  # rank 0 serves the store; keep it alive with the group
+
+    def _wait(self, what: str, start: float) -> None:
+        stream = torch.cuda.current_stream(self.device)
+        while not stream.query():
+            if time.monotonic() - start > self.timeout_s:
+                self._comm.abort()
+                raise self._fail(what, start, TimeoutError("NCCL operation did not finish"))
+            time.sleep(0.0005)
+        self._comm.check_async_error()
+
+    def broadcast(self, t: torch.Tensor, src: int) -> None:
+        start = time.monotonic()
+        data = t.view(torch.uint8)
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self._comm.bcast(data.data_ptr(), data.numel(), self._nccl.NCCL_UINT8, src, stream)
+        self._wait(f"broadcast of {t.numel()} elements", start)
+
+    def allreduce_max(self, t: torch.Tensor) -> None:
+        if t.dtype != torch.int64:
+            raise TypeError(f"allreduce_max takes int64 tensors, got {t.dtype}")
+        start = time.monotonic()
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self._comm.allReduce(t.data_ptr(), t.data_ptr(), t.numel(), self._nccl.NCCL_INT64,
+                             self._nccl.NCCL_MAX, stream)
+        self._wait("all-reduce", start)
+
+    def close(self) -> None:
+        if getattr(self, "_comm", None) is not None:
+            self._comm.destroy()
+            self._comm = None
+
+
+def _uid_to_bytes(uid) -> bytes:
+    """cupy returns the NCCL unique id as bytes (cupy >= 13) or a tuple of ints (older)."""
+    if isinstance(uid, bytes):
+        return b"b" + uid
+    return b"t" + bytes(v % 256 for v in uid)
+
+
+def _uid_from_bytes(data: bytes):
+    if data[:1] == b"b":
+        return bytes(data[1:])
+    return tuple(v - 256 if v > 127 else v for v in data[1:])  # signed chars

@@ -1,0 +1,166 @@
+"""The two ends of a sync: `WeightSender` on the trainer (rank 0) and `WeightReceiver` on
+each rollout worker, over any `Channel`; `InProcessSender` for the embedded launch, where
+the engine lives in the trainer's process. See protocol.py for the message order."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from trainer.weight_sync.channel import Channel
+from trainer.weight_sync.protocol import (
+    Manifest,
+    WeightSyncError,
+    check_manifest,
+    decode_reason,
+    dtype_of,
+    encode_reason,
+    named_list,
+    pack,
+    plan_buckets,
+    unpack,
+)
+
+log = logging.getLogger("brorl")
+DEFAULT_BUCKET_BYTES = 512 << 20
+
+
+class ManifestRefused(WeightSyncError, ValueError):
+    """A receiver found the manifest does not fit its model; nothing was changed."""
+
+
+class InProcessSender:
+    """Today's direct path: `Engine.update_weights` in the same process."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def send(self, named, version: int) -> dict:
+        """Applies the tensors to the engine (validated first); returns sync statistics."""
+        start = time.perf_counter()
+        items = named_list(named)
+        self.engine.update_weights(items, version=version)
+        return {"bytes": sum(t.numel() * t.element_size() for _, t in items),
+                "seconds": time.perf_counter() - start}
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class WeightSender:
+    """Rank 0 of a weight-sync group. `dtype` (e.g. "bfloat16") casts while packing, so
+    float32 master weights travel at the engine's precision."""
+
+    def __init__(self, channel: Channel, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dtype: str | None = None) -> None:
+        if channel.rank != 0:
+            raise ValueError(f"the sender must be rank 0 of the group, not {channel.rank}")
+        self.channel = channel
+        self.bucket_bytes = int(bucket_bytes)
+        self.dtype = dtype
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def send(self, named, version: int) -> dict:
+        """Sends manifest then buckets to every receiver; returns once all of them applied
+        the weights. Raises ManifestRefused (nothing changed anywhere) or WeightSyncError
+        (a receiver vanished or stalled past the channel's timeout)."""
+        start = time.perf_counter()
+        items = [(n, t.detach()) for n, t in named_list(named)]
+        sizes = items if self.dtype is None else \
+            [(n, torch.empty(t.shape, dtype=dtype_of(self.dtype), device="meta"))
+             for n, t in items]
+        manifest = plan_buckets(sizes, self.bucket_bytes, version)
+        ch = self.channel
+        _send_bytes(ch, manifest.to_bytes())
+        _agree(ch, None, "manifest")
+        tensors = dict(items)
+        for bucket in manifest.buckets:
+            buf = self._buffer(bucket.dtype, bucket.numel)
+            ch.broadcast(pack(bucket, tensors, buf), src=0)
+        _agree(ch, None, "apply")
+        return {"bytes": manifest.num_bytes, "buckets": len(manifest.buckets),
+                "seconds": time.perf_counter() - start}
+
+    def _buffer(self, dtype: str, numel: int) -> torch.Tensor:
+        """One reusable flat buffer per dtype on the channel's device (grown on demand)."""
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype_of(dtype), device=self.channel.device)
+            self._buffers[dtype] = buf
+        return buf
+
+    def close(self) -> None:
+        """Closes the channel and drops the packing buffers."""
+        self._buffers.clear()
+        self.channel.close()
+
+
+class WeightReceiver:
+    """Ranks 1..W of a weight-sync group: one engine each."""
+
+    def __init__(self, channel: Channel, engine) -> None:
+        if channel.rank == 0:
+            raise ValueError("rank 0 of a weight-sync group is the sender")
+        self.channel = channel
+        self.engine = engine
+
+    def receive(self) -> int:
+        """Waits for one sync and applies it; returns the new policy version. On a refused
+        manifest raises ManifestRefused with the engine untouched; on a lost sender raises
+        WeightSyncError, also with the engine untouched (buckets apply only at the end)."""
+        ch = self.channel
+        manifest = Manifest.from_bytes(_recv_bytes(ch))
+        problem = None
+        try:
+            check_manifest(self.engine, manifest)
+        except ValueError as err:
+            problem = str(err)
+        _agree(ch, problem, "manifest")
+        named: list[tuple[str, torch.Tensor]] = []
+        for bucket in manifest.buckets:
+            data = torch.empty(bucket.num_bytes, dtype=torch.uint8, device=ch.device)
+            ch.broadcast(data, src=0)
+            named += unpack(bucket, data)
+        problem = None
+        try:
+            self.engine.update_weights(named, version=manifest.version)
+        except ValueError as err:  # validated above; kept so a sender never hangs
+            problem = f"applying the weights failed: {err}"
+        _agree(ch, problem, "apply")
+        return manifest.version
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _send_bytes(ch: Channel, data: bytes) -> None:
+    ch.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=ch.device), src=0)
+    ch.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(ch.device), src=0)
+
+
+def _recv_bytes(ch: Channel) -> bytes:
+    n = torch.zeros(1, dtype=torch.int64, device=ch.device)
+    ch.broadcast(n, src=0)
+    buf = torch.empty(int(n.item()), dtype=torch.uint8, device=ch.device)
+    ch.broadcast(buf, src=0)
+    return bytes(buf.cpu().numpy().tobytes())
+
+
+def _agree(ch: Channel, problem: str | None, phase: str) -> None:
+    """Every rank learns whether any rank had a problem in `phase`; if so the lowest such
+    rank's reason is broadcast and every rank raises ManifestRefused with it."""
+    flag = torch.tensor([ch.world_size - ch.rank if problem else 0], dtype=torch.int64,
+                        device=ch.device)
+    ch.allreduce_max(flag)
+    if not int(flag.item()):
+        return
+    culprit = ch.world_size - int(flag.item())
+    reason = encode_reason(problem or "", ch.device)
+    ch.broadcast(reason, src=culprit)
+    text = f"rollout worker rank {culprit} refused the weights ({phase}): " \
+           f"{decode_reason(reason)}"
+    if ch.rank == 0:
+        log.error("weight sync: %s", text)
+    raise ManifestRefused(text)
