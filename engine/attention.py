@@ -87,10 +87,16 @@ class NumbaBackend(TorchBackend):
 BACKENDS = {"torch": TorchBackend, "numba": NumbaBackend}
 # Backends whose modules import optional packages (triton, the C++ extension) are named
 # here as "module:Class" and imported only when chosen.
-LAZY_BACKENDS: dict[str, str] = {"triton": "engine.attention_triton:TritonBackend"}
+LAZY_BACKENDS: dict[str, str] = {"triton": "engine.attention_triton:TritonBackend",
+                                 "cpp": "engine.attention_cpp:CppBackend"}
 
 
 def _auto(kv: KVPool, device: torch.device) -> str:
+    if device.type == "cpu" and kv.k.dtype in (torch.float32, torch.bfloat16):
+        from kernels.decode_attention_cpp import attention_ext_built
+
+        if attention_ext_built():
+            return "cpp"
     if device.type == "cpu" and kv.k.dtype == torch.float32:
         try:
             import numba  # noqa: F401
