@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from engine.allocator import OutOfPages, PageAllocator
+from engine.allocator import OutOfPages
+from engine.cache_ext import make_cache
 from engine.kv_pool import KVPool
-from engine.radix_cache import RadixCache
 from engine.request import Group, Sequence
 
 
@@ -19,8 +19,8 @@ class CacheManager:
     def __init__(self, kv: KVPool, page_size: int) -> None:
         self.kv = kv
         self.page_size = page_size
-        self.allocator = PageAllocator(kv.num_pages)
-        self.radix = RadixCache(page_size, self.allocator)
+        # C++ radix tree + allocator when built (BRORL_CACHE_IMPL forces one), else Python.
+        self.allocator, self.radix, self.impl = make_cache(kv.num_pages, page_size)
 
     @property
     def available_pages(self) -> int:

@@ -97,6 +97,7 @@ class Engine:
                 "cached_pages": self.cache.radix.num_cached_pages,
                 "page_size": self.config.page_size,
                 "attention_backend": self.backend.name,
+                "cache_impl": self.cache.impl,
                 "cascade_decode": self.config.cascade_decode}
 
     def update_weights(self, named_tensors: Mapping[str, torch.Tensor] | Iterable,

@@ -2,15 +2,23 @@ import random
 
 import pytest
 
-from engine.allocator import OutOfPages, PageAllocator
-from engine.radix_cache import RadixCache
+from engine.allocator import OutOfPages
+from engine.cache_ext import extension_built, make_cache
 
 PS = 4
+IMPLS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
+    not extension_built(), reason="engine._cache_ext is not built"))]
 
 
-def cache_with(num_pages=64):
-    alloc = PageAllocator(num_pages)
-    return RadixCache(PS, alloc), alloc
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """Every test runs on the Python reference and on the C++ extension (when built)."""
+    return request.param
+
+
+def cache_with(impl, num_pages=64):
+    alloc, cache, _ = make_cache(num_pages, PS, impl)
+    return cache, alloc
 
 
 def insert_fresh(cache, alloc, ids):
@@ -21,8 +29,8 @@ def insert_fresh(cache, alloc, ids):
     return canonical, node
 
 
-def test_allocator_refcounts_and_exhaustion():
-    a = PageAllocator(4)
+def test_allocator_refcounts_and_exhaustion(impl):
+    a, _, _ = make_cache(4, PS, impl)
     pages = a.alloc(3)
     assert pages == [0, 1, 2] and a.num_free == 1
     with pytest.raises(OutOfPages):
@@ -34,8 +42,8 @@ def test_allocator_refcounts_and_exhaustion():
     assert a.decref([0, 2]) == 2 and a.num_free == 4
 
 
-def test_match_returns_only_whole_pages_and_splits_at_page_boundaries():
-    cache, alloc = cache_with()
+def test_match_returns_only_whole_pages_and_splits_at_page_boundaries(impl):
+    cache, alloc = cache_with(impl)
     ids = list(range(100, 112))  # 3 pages
     pages, _ = insert_fresh(cache, alloc, ids)
     assert cache.match_prefix(ids[:11])[0] == pages[:2]  # partial third page not matched
@@ -47,8 +55,8 @@ def test_match_returns_only_whole_pages_and_splits_at_page_boundaries():
     cache.check_integrity()
 
 
-def test_insert_of_cached_prefix_keeps_canonical_pages():
-    cache, alloc = cache_with()
+def test_insert_of_cached_prefix_keeps_canonical_pages(impl):
+    cache, alloc = cache_with(impl)
     ids = list(range(8))
     pages, _ = insert_fresh(cache, alloc, ids)
     dup = alloc.alloc(2)
@@ -58,8 +66,8 @@ def test_insert_of_cached_prefix_keeps_canonical_pages():
     cache.check_integrity()
 
 
-def test_locked_prefixes_survive_eviction_and_lru_goes_first():
-    cache, alloc = cache_with(num_pages=6)
+def test_locked_prefixes_survive_eviction_and_lru_goes_first(impl):
+    cache, alloc = cache_with(impl, num_pages=6)
     _, a = insert_fresh(cache, alloc, [1] * 8)
     _, b = insert_fresh(cache, alloc, [2] * 8)
     _, c = insert_fresh(cache, alloc, [3] * 8)
@@ -85,11 +93,11 @@ def still_cached(cache, cached):
             if len(cache.match_prefix(list(k))[0]) == len(k) // PS}
 
 
-def test_random_operations_keep_cache_consistent_with_a_naive_model():
+def test_random_operations_keep_cache_consistent_with_a_naive_model(impl):
     """Insert/match/lock/unlock/evict at random; after each operation the cache agrees
     with a plain dict of cached page-prefixes and passes check_integrity."""
     rng = random.Random(0)
-    cache, alloc = cache_with(num_pages=48)
+    cache, alloc = cache_with(impl, num_pages=48)
     cached: dict[tuple, int] = {}  # whole-page prefix -> page of its last page
     locks = []
     for _ in range(600):

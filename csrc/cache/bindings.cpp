@@ -1,0 +1,152 @@
+// pybind11 bindings of the page allocator and the radix tree: `engine._cache_ext`.
+// engine/cache_ext.py wraps these classes in the Python API of engine/allocator.py and
+// engine/radix_cache.py. Caller errors arrive as ValueError (std::invalid_argument),
+// IndexError (std::out_of_range), TypeError (a token or page that is not an int),
+// RuntimeError (flush while locked) and engine.allocator.OutOfPages.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+
+#include "page_allocator.h"
+#include "radix_tree.h"
+
+namespace py = pybind11;
+using brorl::PageAllocator;
+using brorl::RadixTree;
+
+namespace {
+
+struct Tree : RadixTree, std::enable_shared_from_this<Tree> {
+  using RadixTree::RadixTree;
+};
+
+// A lock handle: the id of a node in one tree. Stale handles raise instead of crashing.
+struct NodeRef {
+  std::weak_ptr<Tree> tree;
+  uint64_t id;
+
+  const brorl::RadixNode& get() const {
+    auto t = tree.lock();
+    if (!t) throw std::invalid_argument("the radix cache of this node handle is gone");
+    return t->node(id);
+  }
+};
+
+struct RefcountView {
+  std::shared_ptr<PageAllocator> alloc;
+};
+
+py::tuple as_tuple(const std::vector<int64_t>& v) {
+  py::tuple t(v.size());
+  for (size_t i = 0; i < v.size(); ++i) t[i] = py::int_(v[i]);
+  return t;
+}
+
+std::shared_ptr<Tree> tree_of(const NodeRef& ref, const Tree& self) {
+  auto t = ref.tree.lock();
+  if (t.get() != &self) throw std::invalid_argument("this node handle belongs to another radix cache");
+  return t;
+}
+
+void bind_allocator(py::module_& m) {
+  py::class_<RefcountView>(m, "RefcountView", "Read-only view of the reference counts.")
+      .def("__len__", [](const RefcountView& v) { return v.alloc->num_pages(); })
+      .def("__getitem__", [](const RefcountView& v, int64_t p) { return v.alloc->refcount(p); })
+      .def("__getitem__", [](const RefcountView& v, const py::slice& s) {
+        return py::list(py::cast(v.alloc->refcounts()))[s];
+      })
+      .def("__iter__", [](const RefcountView& v) {
+        return py::make_iterator(v.alloc->refcounts().begin(), v.alloc->refcounts().end());
+      }, py::keep_alive<0, 1>())
+      .def("__eq__", [](const RefcountView& v, const py::object& other) {
+        return py::list(py::cast(v.alloc->refcounts())).equal(other);
+      })
+      .def("__repr__", [](const RefcountView& v) {
+        return "RefcountView(" + py::repr(py::cast(v.alloc->refcounts())).cast<std::string>() + ")";
+      });
+
+  py::class_<PageAllocator, std::shared_ptr<PageAllocator>>(m, "PageAllocator")
+      .def(py::init<int64_t>(), py::arg("num_pages"))
+      .def_property_readonly("num_pages", &PageAllocator::num_pages)
+      .def_property_readonly("num_free", &PageAllocator::num_free)
+      .def("alloc", &PageAllocator::alloc, py::arg("n"))
+      .def("incref", &PageAllocator::incref, py::arg("pages"))
+      .def("decref", &PageAllocator::decref, py::arg("pages"))
+      .def_property_readonly("refcount", [](const std::shared_ptr<PageAllocator>& a) {
+        return RefcountView{a};
+      })
+      .def("free_stack", &PageAllocator::free_stack)
+      .def("check_integrity", [](const PageAllocator& a,
+                                 std::optional<std::unordered_map<int64_t, int64_t>> expected) {
+        return a.check_integrity(expected ? &*expected : nullptr);
+      }, py::arg("expected") = py::none());
+}
+
+void bind_tree(py::module_& m) {
+  py::class_<NodeRef>(m, "RadixNode", "Handle of a radix node (for lock/unlock).")
+      .def_property_readonly("node_id", [](const NodeRef& r) { return r.id; })
+      .def_property_readonly("alive", [](const NodeRef& r) {
+        auto t = r.tree.lock();
+        if (!t) return false;
+        try { t->node(r.id); } catch (const std::invalid_argument&) { return false; }
+        return true;
+      })
+      .def_property_readonly("key", [](const NodeRef& r) { return as_tuple(r.get().key); })
+      .def_property_readonly("pages", [](const NodeRef& r) { return r.get().pages; })
+      .def_property_readonly("lock_ref", [](const NodeRef& r) { return r.get().lock_ref; })
+      .def_property_readonly("last_access", [](const NodeRef& r) { return r.get().last_access; })
+      .def_property_readonly("parent", [](const NodeRef& r) -> py::object {
+        const auto* p = r.get().parent;
+        return p ? py::cast(NodeRef{r.tree, p->id}) : py::none();
+      })
+      .def("__eq__", [](const NodeRef& a, const NodeRef& b) {
+        return a.id == b.id && !a.tree.owner_before(b.tree) && !b.tree.owner_before(a.tree);
+      })
+      .def("__hash__", [](const NodeRef& r) { return std::hash<uint64_t>()(r.id); })
+      .def("__repr__", [](const NodeRef& r) { return "<RadixNode " + std::to_string(r.id) + ">"; });
+
+  py::class_<Tree, std::shared_ptr<Tree>>(m, "RadixTree")
+      .def(py::init<int64_t, std::shared_ptr<PageAllocator>>(), py::arg("page_size"),
+           py::arg("allocator"))
+      .def_property_readonly("page_size", &Tree::page_size)
+      .def_property_readonly("num_cached_pages", &Tree::num_cached_pages)
+      .def_property_readonly("num_evictable_pages", &Tree::num_evictable_pages)
+      .def_property_readonly("root", [](Tree& t) { return NodeRef{t.weak_from_this(), 0}; })
+      .def("match_prefix", [](Tree& t, const std::vector<int64_t>& ids) {
+        auto [pages, id] = t.match_prefix(ids);
+        return py::make_tuple(py::cast(pages), NodeRef{t.weak_from_this(), id});
+      }, py::arg("token_ids"))
+      .def("insert", [](Tree& t, const std::vector<int64_t>& ids,
+                        const std::vector<int64_t>& pages) {
+        auto [canonical, id] = t.insert(ids, pages);
+        return py::make_tuple(py::cast(canonical), NodeRef{t.weak_from_this(), id});
+      }, py::arg("token_ids"), py::arg("pages"))
+      .def("lock", [](Tree& t, const NodeRef& r) { tree_of(r, t)->lock(r.id); }, py::arg("node"))
+      .def("unlock", [](Tree& t, const NodeRef& r) { tree_of(r, t)->unlock(r.id); },
+           py::arg("node"))
+      .def("evict", &Tree::evict, py::arg("num_pages"))
+      .def("flush", &Tree::flush)
+      .def("cached_pages", &Tree::cached_pages)
+      .def("check_integrity", &Tree::check_integrity);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cache_ext, m) {
+  m.doc() = "C++ page allocator and radix prefix cache (see engine/cache_ext.py)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const brorl::OutOfPagesError& e) {
+      try {
+        py::object cls = py::module_::import("engine.allocator").attr("OutOfPages");
+        PyErr_SetString(cls.ptr(), e.what());
+      } catch (py::error_already_set&) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+      }
+    }
+  });
+  bind_allocator(m);
+  bind_tree(m);
+}
