@@ -6,6 +6,7 @@ cache and the batch metadata."""
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -22,6 +23,29 @@ from engine.models.weights import (
 )
 from kernels.norm import rms_norm_ref
 from kernels.rope import apply_rope_ref, rope_cos_sin_table
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernels():
+    """(rms_norm, apply_rope) Triton kernels, or None when triton is not installed."""
+    try:
+        from kernels.norm_triton import rms_norm_triton
+        from kernels.rope_triton import apply_rope_triton
+    except ImportError:
+        return None
+    return rms_norm_triton, apply_rope_triton
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm: the Triton kernel on CUDA when triton imports, else the torch reference."""
+    fast = _triton_kernels() if x.is_cuda else None
+    return fast[0](x, weight, eps) if fast else rms_norm_ref(x, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: the Triton kernel on CUDA when triton imports, else the torch reference."""
+    fast = _triton_kernels() if x.is_cuda else None
+    return fast[1](x, cos, sin) if fast else apply_rope_ref(x, cos, sin)
 
 
 class Attention(Protocol):
@@ -77,24 +101,24 @@ class DecoderLM:
         T = x.shape[0]
         for i in range(cfg.num_layers):
             f = f"layers.{i}."
-            h = rms_norm_ref(x, p[f + "in_norm"], cfg.rms_norm_eps)
+            h = rms_norm(x, p[f + "in_norm"], cfg.rms_norm_eps)
             qkv = F.linear(h, p[f + "qkv_w"], p.get(f + "qkv_b"))
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(T, cfg.num_heads, cfg.head_dim)
             k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
             if cfg.qk_norm:
-                q = rms_norm_ref(q, p[f + "q_norm"], cfg.rms_norm_eps)
-                k = rms_norm_ref(k, p[f + "k_norm"], cfg.rms_norm_eps)
-            q, k = apply_rope_ref(q, cos, sin), apply_rope_ref(k, cos, sin)
+                q = rms_norm(q, p[f + "q_norm"], cfg.rms_norm_eps)
+                k = rms_norm(k, p[f + "k_norm"], cfg.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o = attention(i, q, k, v).reshape(T, cfg.q_size)
             x = x + F.linear(o, p[f + "o_w"], p.get(f + "o_b"))
-            h = rms_norm_ref(x, p[f + "post_norm"], cfg.rms_norm_eps)
+            h = rms_norm(x, p[f + "post_norm"], cfg.rms_norm_eps)
             gate, up = F.linear(h, p[f + "gate_up_w"], p.get(f + "gate_up_b")).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, p[f + "down_w"], p.get(f + "down_b"))
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the selected rows -> float32 [R, vocab]."""
-        h = rms_norm_ref(hidden, self.params["norm"], self.cfg.rms_norm_eps)
+        h = rms_norm(hidden, self.params["norm"], self.cfg.rms_norm_eps)
         return F.linear(h, self.params["lm_head"]).float()
