@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", default=None, help="YAML file (default: the shipped demo)")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its last checkpoint")
+    t.add_argument("--launcher", choices=("embedded", "ray"), default=None,
+                   help="embedded (one process, the default) or ray (actors; see ray.*)")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     e = sub.add_parser("eval", help="mean@k, pass@k and response length on held-out data",
                        formatter_class=fmt, epilog="config keys:\n" + describe())
@@ -45,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from trainer.loop import train
 
+    if args.launcher:
+        args.overrides = [*args.overrides, f"launcher={args.launcher}"]
     if args.resume:
         saved = Path(args.resume) / "config.yaml"
         cfg = load_config(args.config or (saved if saved.is_file() else None), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    if cfg.launcher == "ray":
+        from trainer.launch_ray import train_ray as train
     result = train(cfg, resume=args.resume)
     before, after = result["before"], result["after"]
     if before and after:

@@ -92,9 +92,20 @@ class RolloutConfig:
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: fit memory)")
     attention_backend: str = _f("auto", "engine attention backend")
+    weight_sync_transport: str = _f("auto", 'trainer -> engine weights: "auto" (inprocess '
+                                    'embedded; nccl on GPUs / gloo on CPUs with ray) | '
+                                    "inprocess | gloo | nccl")
+    weight_sync_bucket_mb: int = _f(512, "weight-sync bucket size (MB)")
+    weight_sync_timeout_s: float = _f(300.0, "a rollout worker silent this long fails the sync")
+    weight_sync_probe: bool = _f(False, "after each sync compare engine and trainer logits on "
+                                 "a fixed prompt (weight_sync/probe_max_abs_diff)")
+    weight_sync_probe_threshold: float | None = _f(None, "warn above this probe difference "
+                                                   "(None: 1e-3 in float32, 0.1 in 16-bit)")
 
     def __post_init__(self) -> None:
-        _positive(self, "n", "prompts_per_step", "max_tokens", "page_size")
+        _positive(self, "n", "prompts_per_step", "max_tokens", "page_size",
+                  "weight_sync_bucket_mb", "weight_sync_timeout_s")
+        _choice(self, "weight_sync_transport", ("auto", "inprocess", "gloo", "nccl"))
         if self.max_prompts_per_step < self.prompts_per_step:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:
@@ -174,9 +185,28 @@ class VerifierConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """`launcher: ray`: rollout workers (one engine each) and a trainer as Ray actors."""
+
+    address: str = _f("", '"" starts Ray locally; "auto" or "ray://host:port" joins a cluster')
+    num_workers: int = _f(1, "rollout workers (one engine each)")
+    gpus_per_worker: float = _f(1.0, "GPUs per rollout worker (on CUDA)")
+    trainer_gpus: int = _f(1, "GPUs of the trainer actor (on CUDA; only 1 is supported)")
+    cpus_per_actor: float = _f(1.0, "CPUs Ray reserves per actor")
+    num_cpus: int | None = _f(None, "CPUs of a locally started Ray (None: all)")
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_workers", "trainer_gpus")
+        if self.gpus_per_worker < 0 or self.cpus_per_actor < 0:
+            raise ValueError("ray.gpus_per_worker and ray.cpus_per_actor must be >= 0")
+        if self.trainer_gpus > 1:
+            raise ValueError("ray.trainer_gpus > 1 needs FSDP2 training, not implemented yet")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The whole run. Sections: model, demo, data, rollout, algorithm, optim, eval,
-    verifier; top-level keys below."""
+    verifier, ray; top-level keys below."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -186,6 +216,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    launcher: str = _f("embedded", "embedded (one process) | ray (actors; see ray.*)")
     steps: int = _f(10, "RL steps")
     seed: int = _f(0, "seed of sampling, shuffling and initialisation")
     output_dir: str = _f("runs/demo", "run directory (metrics.jsonl, checkpoints, plots)")
@@ -195,6 +227,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "checkpoint_every", "keep_checkpoints")
+        _choice(self, "launcher", ("embedded", "ray"))
+        transport = self.rollout.weight_sync_transport
+        if (transport == "inprocess") != (self.launcher == "embedded") and transport != "auto":
+            raise ValueError(f"rollout.weight_sync_transport={transport} does not fit "
+                             f"launcher={self.launcher} (embedded syncs in-process; ray uses "
+                             "gloo or nccl)")
 
     @property
     def lr(self) -> float:
@@ -309,7 +347,7 @@ def _section_type(cls, f):
 
 _SECTIONS = {"model": ModelConfig, "demo": DemoConfig, "data": DataConfig,
              "rollout": RolloutConfig, "algorithm": AlgorithmConfig, "optim": OptimConfig,
-             "eval": EvalConfig, "verifier": VerifierConfig}
+             "eval": EvalConfig, "verifier": VerifierConfig, "ray": RayConfig}
 
 
 def _coerce(value, f, key: str):

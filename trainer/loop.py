@@ -30,6 +30,8 @@ from trainer.policy import load_policy, named_weights
 from trainer.rollout import collect_rollouts
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
+from trainer.weight_sync import WeightSyncError
+from trainer.weight_sync.probe import probe_check
 
 log = logging.getLogger("brorl")
 
@@ -53,9 +55,11 @@ class Run:
     elapsed_s: float = 0.0  # training wall time, carried across resumes
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict:
-    """Runs (or resumes) a training run; returns {"before": eval, "after": eval}."""
-    run = setup(cfg, resume)
+def train(cfg: TrainConfig, resume: str | None = None, make_engine=None) -> dict:
+    """Runs (or resumes) a training run; returns {"before": eval, "after": eval}.
+    `make_engine(path, cfg)` builds the engine (default: a local `Engine`; the Ray launcher
+    passes one that returns its rollout workers behind the same interface)."""
+    run = setup(cfg, resume, make_engine)
     try:
         if run.step == 0:
             _log_eval(run, 0, {"elapsed_s": 0.0})
@@ -67,7 +71,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     return summary(run.run_dir)
 
 
-def setup(cfg: TrainConfig, resume: str | None) -> Run:
+def setup(cfg: TrainConfig, resume: str | None, make_engine=None) -> Run:
     run_dir = Path(resume or cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -76,8 +80,7 @@ def setup(cfg: TrainConfig, resume: str | None) -> Run:
     path = str(ckpt) if ckpt else _initial_policy(cfg)
     device = cfg.model.resolved_device
     r = cfg.rollout
-    engine = Engine(path, device=device, dtype=cfg.model.dtype, page_size=r.page_size,
-                    max_kv_tokens=r.max_kv_tokens, attention_backend=r.attention_backend)
+    engine = (make_engine or local_engine)(path, cfg)
     if engine.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer; the trainer needs one to render prompts")
     model = load_policy(path, device)
@@ -109,9 +112,7 @@ def train_step(run: Run) -> dict:
                                      run.ref_model, gen))
     else:
         log.warning("step %d: every group had equal rewards; no update", step)
-    t0 = time.perf_counter()
-    run.engine.update_weights(named_weights(run.model), version=step)
-    metrics["weight_sync/seconds"] = time.perf_counter() - t0
+    metrics.update(sync_weights(run, step))
     a = cfg.algorithm
     if a.ref_reset_every and run.ref_model is not None and step % a.ref_reset_every == 0:
         run.ref_model.load_state_dict(run.model.state_dict())
@@ -130,6 +131,33 @@ def train_step(run: Run) -> dict:
     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         _checkpoint(run)
     return metrics
+
+
+def local_engine(path: str, cfg: TrainConfig) -> Engine:
+    """The embedded launch's engine, on the trainer's device."""
+    r = cfg.rollout
+    return Engine(path, device=cfg.model.resolved_device, dtype=cfg.model.dtype,
+                  page_size=r.page_size, max_kv_tokens=r.max_kv_tokens,
+                  attention_backend=r.attention_backend)
+
+
+def sync_weights(run: Run, step: int) -> dict:
+    """Sends the trainer's weights to the engine(s) as policy version `step`; with
+    rollout.weight_sync_probe also compares logits on a fixed prompt. If a rollout worker
+    is lost mid-sync, the trainer's state is checkpointed before the error propagates."""
+    t0 = time.perf_counter()
+    try:
+        run.engine.update_weights(named_weights(run.model), version=step)
+    except WeightSyncError:
+        run.step = step
+        _checkpoint(run)
+        raise
+    out = {"weight_sync/seconds": time.perf_counter() - t0}
+    r = run.cfg.rollout
+    if r.weight_sync_probe:
+        out["weight_sync/probe_max_abs_diff"] = probe_check(
+            run.engine, run.model, run.cfg.model.dtype, r.weight_sync_probe_threshold)
+    return out
 
 
 def _log_eval(run: Run, step: int, metrics: dict) -> None:

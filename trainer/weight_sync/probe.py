@@ -73,10 +73,24 @@ def default_threshold(dtype: str) -> float:
     return 1e-3 if dtype in ("float32", "float64") else 0.1
 
 
+def probe_check(engine, model, dtype: str, threshold: float | None = None) -> float:
+    """Runs the probe prompt through the engine(s) and the trainer's model; returns the max
+    abs logits difference (warning past `threshold`, None: by dtype). An engine object with
+    a `probe_logits(ids)` method (the Ray launcher's workers) answers for all its engines
+    with [W, T, vocab]."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = probe_ids(engine.tokenizer, vocab)
+    engine_side = engine.probe_logits(ids) if hasattr(engine, "probe_logits") \
+        else engine_logits(engine, ids)
+    return probe_diff(engine_side, trainer_logits(model, ids),
+                      default_threshold(dtype) if threshold is None else threshold)
+
+
 def probe_diff(engine_side: torch.Tensor, trainer_side: torch.Tensor,
                threshold: float) -> float:
-    """max |engine - trainer| over the probe's logits; logs a warning past `threshold`."""
-    if engine_side.shape != trainer_side.shape:
+    """max |engine - trainer| over the probe's logits ([T, vocab], or [W, T, vocab] for W
+    engines); logs a warning past `threshold`."""
+    if engine_side.shape[-2:] != trainer_side.shape:
         raise ValueError(f"probe logits shapes differ: engine {tuple(engine_side.shape)}, "
                          f"trainer {tuple(trainer_side.shape)}")
     diff = float((engine_side - trainer_side).abs().max())

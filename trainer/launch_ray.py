@@ -1,0 +1,206 @@
+"""`brorl train --launcher ray`: the trainer and the rollout workers as Ray actors.
+
+The trainer actor runs the embedded loop itself (`trainer.loop.train`: rollouts, update,
+metrics, evaluation, checkpoints) with one change: its engine is a `RayEngines`, which
+spreads each `generate` call over the workers (all N samples of a prompt on one worker, so
+they share its prefix cache) and whose `update_weights` broadcasts the trainer's weights to
+every worker over a dedicated weight-sync group (NCCL on GPUs, gloo on CPUs). The trainer
+is rank 0 of that group, worker i is rank i + 1.
+
+Placement: the trainer takes `ray.trainer_gpus` GPUs (1 for now: FSDP2 is not implemented)
+and each worker `ray.gpus_per_worker`; on CPU they take `ray.cpus_per_actor` CPUs each.
+Workers load the checkpoint from the same path, so a multi-node run needs a shared
+filesystem for `output_dir` and the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from trainer.config import TrainConfig
+
+log = logging.getLogger("brorl")
+
+
+def train_ray(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Runs the loop on Ray (starting a local Ray unless ray.address is set); returns what
+    `trainer.loop.train` returns."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError("--launcher ray needs Ray: pip install 'ray==2.60.0'") from err
+    started = not ray.is_initialized()
+    if started:
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        device = cfg.model.device if cfg.model.device != "auto" else \
+            ("cuda" if gpus else "cpu")
+        if device == "cuda" and gpus < cfg.ray.trainer_gpus + \
+                cfg.ray.num_workers * cfg.ray.gpus_per_worker:
+            log.warning("ray: %g GPUs in the cluster for %d trainer + %d x %g worker GPUs; "
+                        "actors will wait for resources", gpus, cfg.ray.trainer_gpus,
+                        cfg.ray.num_workers, cfg.ray.gpus_per_worker)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
+        actor = ray.remote(TrainerActor).options(
+            num_cpus=cfg.ray.cpus_per_actor,
+            num_gpus=cfg.ray.trainer_gpus if device == "cuda" else 0)
+        trainer = actor.remote(cfg.ray.cpus_per_actor)
+        return ray.get(trainer.train.remote(cfg, resume))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class TrainerActor:
+    """The trainer: policy, optimizer, verifiers and metrics; drives the workers."""
+
+    def __init__(self, num_threads: float = 1) -> None:
+        torch.set_num_threads(max(1, int(num_threads)))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                            datefmt="%H:%M:%S")
+        self.engines: RayEngines | None = None
+
+    def train(self, cfg: TrainConfig, resume: str | None) -> dict:
+        """`trainer.loop.train` with the rollout workers as its engine."""
+        from trainer.loop import train
+
+        def make_engine(path: str, cfg: TrainConfig) -> RayEngines:
+            self.engines = RayEngines(path, cfg)
+            return self.engines
+
+        try:
+            return train(cfg, resume, make_engine=make_engine)
+        finally:
+            if self.engines is not None:
+                self.engines.close()
+
+
+class RolloutWorker:
+    """One engine on its own device, and the receiving end of the weight-sync group."""
+
+    def __init__(self, path: str, cfg: TrainConfig, num_threads: float = 1) -> None:
+        from trainer.loop import local_engine
+
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.engine = local_engine(path, cfg)
+        self.receiver = None
+
+    def join(self, transport: str, host: str, port: int, rank: int, world_size: int,
+             timeout_s: float) -> None:
+        from trainer.weight_sync import make_receiver
+
+        self.receiver = make_receiver(transport, self.engine, host=host, port=port,
+                                      rank=rank, world_size=world_size, timeout_s=timeout_s)
+
+    def receive(self) -> int:
+        return self.receiver.receive()
+
+    def generate(self, prompts: list, params: list):
+        return self.engine.generate(prompts, params)
+
+    def probe_logits(self, ids: list[int]) -> torch.Tensor:
+        from trainer.weight_sync.probe import engine_logits
+
+        return engine_logits(self.engine, ids)
+
+    def set_version(self, version: int) -> None:
+        self.engine.policy_version = int(version)
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+
+class RayEngines:
+    """The Engine interface the loop uses (`generate`, `update_weights`, `tokenizer`,
+    `policy_version`, `stats`), backed by `ray.num_workers` RolloutWorker actors."""
+
+    def __init__(self, path: str, cfg: TrainConfig) -> None:
+        import ray
+
+        from engine.tokenizer import load_tokenizer
+        from trainer.weight_sync import make_sender
+        from trainer.weight_sync.channel import free_port
+
+        self._ray = ray
+        r, rc = cfg.rollout, cfg.ray
+        on_gpu = cfg.model.device == "cuda"
+        transport = r.weight_sync_transport if r.weight_sync_transport != "auto" else \
+            ("nccl" if on_gpu else "gloo")
+        worker = ray.remote(RolloutWorker).options(
+            num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_worker if on_gpu else 0)
+        self.workers = [worker.remote(path, cfg, rc.cpus_per_actor)
+                        for _ in range(rc.num_workers)]
+        host = ray.util.get_node_ip_address()
+        port = free_port(host)
+        world = rc.num_workers + 1
+        joins = [w.join.remote(transport, host, port, i + 1, world, r.weight_sync_timeout_s)
+                 for i, w in enumerate(self.workers)]
+        self.sender = make_sender(transport, host=host, port=port, world_size=world,
+                                  timeout_s=r.weight_sync_timeout_s,
+                                  bucket_bytes=r.weight_sync_bucket_mb << 20,
+                                  dtype=cfg.model.dtype, device="cuda" if on_gpu else None)
+        ray.get(joins)
+        self.tokenizer = load_tokenizer(path)
+        self._version = 0
+        log.info("ray: %d rollout worker(s), weights over %s", len(self.workers), transport)
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
+
+    @policy_version.setter
+    def policy_version(self, version: int) -> None:
+        self._ray.get([w.set_version.remote(version) for w in self.workers])
+        self._version = int(version)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list:
+        """Like `Engine.generate`: prompt i goes whole (all its samples) to worker
+        i mod W; the outputs come back in prompt order."""
+        from engine.inputs import normalize_params, normalize_prompts
+
+        prompts = normalize_prompts(prompts)
+        params = normalize_params(sampling_params, len(prompts))
+        w = len(self.workers)
+        refs = [self.workers[k].generate.remote(prompts[k::w], params[k::w])
+                for k in range(min(w, len(prompts)))]
+        parts = self._ray.get(refs)
+        outs = [None] * len(prompts)
+        for k, part in enumerate(parts):
+            for j, out in enumerate(part):
+                outs[k + j * w] = dataclasses.replace(out, request_id=k + j * w)
+        return outs
+
+    def update_weights(self, named_tensors, version: int | None = None) -> None:
+        """Broadcasts the weights to every worker; returns when all applied them."""
+        version = self._version + 1 if version is None else int(version)
+        pending = [w.receive.remote() for w in self.workers]
+        self.sender.send(named_tensors, version)
+        self._ray.get(pending)
+        self._version = version
+
+    def probe_logits(self, ids: list[int]) -> torch.Tensor:
+        """[W, T, vocab] float32 probe logits of every worker's engine."""
+        return torch.stack(self._ray.get([w.probe_logits.remote(ids) for w in self.workers]))
+
+    def stats(self) -> dict:
+        """Counters summed over the workers (policy_version: the trainer's)."""
+        total: dict = {}
+        for s in self._ray.get([w.stats.remote() for w in self.workers]):
+            for k, v in s.items():
+                total[k] = total.get(k, 0) + v if isinstance(v, (int, float)) and \
+                    not isinstance(v, bool) else v
+        total["policy_version"] = self._version
+        return total
+
+    def close(self) -> None:
+        """Releases the group and stops the workers."""
+        self.sender.close()
+        for w in self.workers:
+            self._ray.kill(w)
