@@ -138,15 +138,21 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, keys: np.ndarray,
            banned: torch.Tensor | None = None, impl: str = "auto"
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `sample_ref`. impl: "auto" (numba on CPU when installed, else the
-    reference), "torch" or "numba"."""
-    if impl not in ("auto", "torch", "numba"):
-        raise ValueError(f"unknown sampling impl {impl!r}; supported: auto, torch, numba")
+    """Same contract as `sample_ref`. impl: "auto" (the fused Triton kernel on CUDA when
+    triton imports, numba on CPU when installed, else the reference), "torch", "numba" or
+    "triton"."""
+    if impl not in ("auto", "torch", "numba", "triton"):
+        raise ValueError(f"unknown sampling impl {impl!r}; supported: auto, torch, numba, "
+                         f"triton")
     if logits.dim() != 2 or len(keys) != logits.shape[0]:
         raise ValueError(f"logits must be [B, V] with one key per row, got {tuple(logits.shape)}"
                          f" and {len(keys)} keys")
     if impl == "auto":
-        impl = "numba" if logits.device.type == "cpu" and _numba_available() else "torch"
+        impl = _auto_impl(logits.device)
+    if impl == "triton":
+        from kernels.sampling_triton import sample_triton
+
+        return sample_triton(logits, temperature, top_k, top_p, min_p, keys, banned)
     if impl == "torch":
         return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned)
     from kernels.sampling_numba import sample_numba
@@ -167,6 +173,20 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 def _numba_available() -> bool:
     try:
         import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _auto_impl(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton" if _triton_available() else "torch"
+    return "numba" if device.type == "cpu" and _numba_available() else "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True
