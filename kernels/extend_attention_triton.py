@@ -43,10 +43,11 @@ def pack_extend_meta(page_tables: list[torch.Tensor], prefix_lens: list[int],
         raise ValueError("no sequences to extend")
     if min(extend_lens) < 0 or min(prefix_lens) < 0:
         raise ValueError("prefix and extend lengths must be >= 0")
-    width = max(1, max(int(p.numel()) for p in page_tables))
-    table = torch.zeros(len(page_tables), width, dtype=torch.int64, device=device)
-    for i, p in enumerate(page_tables):
-        table[i, :p.numel()] = p.to(device=device, dtype=torch.int64)
+    table = torch.nn.utils.rnn.pad_sequence(
+        [p.to(device=device, dtype=torch.int64).reshape(-1) for p in page_tables],
+        batch_first=True)
+    if table.shape[1] == 0:
+        table = torch.zeros(len(page_tables), 1, dtype=torch.int64, device=device)
     starts = [0]
     for t in extend_lens[:-1]:
         starts.append(starts[-1] + t)
