@@ -78,7 +78,7 @@ def test_shared_prefix_packs_groups_of_different_sizes_and_multiple_tiles():
     rng = random.Random(2)
     torch.manual_seed(2)
     kc, vc = cache(80, torch.float32)
-    # 12 samples x 3 heads per KV head = 36 tile rows; with H=12 (ratio 6) 72 > one tile
+    # H=12 over 2 KV heads: 12 samples x 6 heads = 72 tile rows, two 64-row tiles
     q = torch.randn(17, 12, D)
     gr, pp, pl = group_case(rng, [12, 1, 3], [8, 13, 1], 17, 80)  # N=1 group, page multiple
     for splits in (None, 2):
