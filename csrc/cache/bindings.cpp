@@ -54,7 +54,13 @@ void bind_allocator(py::module_& m) {
       .def("__len__", [](const RefcountView& v) { return v.alloc->num_pages(); })
       .def("__getitem__", [](const RefcountView& v, int64_t p) { return v.alloc->refcount(p); })
       .def("__getitem__", [](const RefcountView& v, const py::slice& s) {
-        return py::list(py::cast(v.alloc->refcounts()))[s];
+        size_t start = 0, stop = 0, step = 0, len = 0;
+        if (!s.compute(v.alloc->refcounts().size(), &start, &stop, &step, &len)) {
+          throw py::error_already_set();
+        }
+        std::vector<int32_t> out(len);
+        for (size_t i = 0; i < len; ++i, start += step) out[i] = v.alloc->refcounts()[start];
+        return out;
       })
       .def("__iter__", [](const RefcountView& v) {
         return py::make_iterator(v.alloc->refcounts().begin(), v.alloc->refcounts().end());
