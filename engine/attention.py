@@ -119,7 +119,10 @@ def _resolve(name: str):
         import importlib
 
         module, cls = LAZY_BACKENDS[name].split(":")
-        return getattr(importlib.import_module(module), cls)
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except ImportError as exc:
+            raise ValueError(f"attention backend {name!r} cannot be used here: {exc}") from exc
     raise ValueError(f"attention backend {name!r} is not available; available: "
                      f"{', '.join(['auto', *BACKENDS, *LAZY_BACKENDS])}")
 
