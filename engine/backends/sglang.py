@@ -1,0 +1,153 @@
+"""An SGLang backend for users who already run SGLang: `SGLangEngine` offers our engine's
+contract (`generate(prompts, SamplingParams) -> list[RequestOutput]`, `tokenizer`,
+`policy_version`, `stats`) on top of `sglang.Engine`, and joins the weight-sync protocol
+through SGLang's own calls: `init_weight_sync` wraps `init_weights_update_group`, and
+`apply_manifest` turns our manifest (names, shapes, dtypes, version) into
+`update_weights_from_distributed`, after which the trainer broadcasts each tensor, in
+manifest order, on that group (SGLang's per-tensor protocol, not our byte buckets).
+
+sglang is imported only when an `SGLangEngine` is built without an engine object.
+
+Differences from our engine, by design of SGLang: a prompt's n samples are n requests with
+the same prompt (SGLang's radix cache shares the prefix); `seed` is not forwarded, so
+samples are not reproducible by seed; SGLang's logprobs are of its own sampling
+distribution, so with temperature != 1 prefer `algorithm.old_logprobs=recompute`.
+"""
+
+from __future__ import annotations
+
+from engine.inputs import normalize_params, normalize_prompts
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def to_sglang_params(p: SamplingParams) -> dict:
+    """One sample's SGLang sampling-params dict for our SamplingParams (n is expanded by
+    the caller; seed is dropped, see the module docstring)."""
+    out = {"temperature": float(p.temperature), "top_p": float(p.top_p),
+           "top_k": int(p.top_k), "min_p": float(p.min_p),
+           "max_new_tokens": int(p.max_tokens), "min_new_tokens": int(p.min_tokens),
+           "ignore_eos": bool(p.ignore_eos)}
+    if p.stop_token_ids:
+        out["stop_token_ids"] = list(p.stop_token_ids)
+    return out
+
+
+def from_sglang_output(result: dict) -> CompletionOutput:
+    """One SGLang result dict -> CompletionOutput (token ids, logprobs, finish reason)."""
+    meta = result.get("meta_info", {})
+    ids = result.get("output_ids")
+    lps = meta.get("output_token_logprobs")
+    if ids is None and lps is not None:
+        ids = [int(t) for _, t, *_ in lps]
+    if ids is None:
+        raise ValueError("SGLang result has neither output_ids nor output_token_logprobs")
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+    if kind not in _FINISH:
+        raise RuntimeError(f"SGLang request ended with finish reason {reason!r}")
+    logprobs = [float(lp) for lp, *_ in lps] if lps is not None else None
+    return CompletionOutput(0, list(ids), logprobs, _FINISH[kind], result.get("text"))
+
+
+class SGLangEngine:
+    """Our generate contract and weight-sync protocol over `sglang.Engine`.
+
+    `engine`: an existing sglang.Engine (or anything with its methods); otherwise one is
+    built as `sglang.Engine(model_path=model, **engine_kwargs)`."""
+
+    def __init__(self, model: str, engine=None, **engine_kwargs) -> None:
+        if engine is None:
+            try:
+                import sglang
+            except ImportError as err:
+                raise ImportError("engine.backends.sglang needs SGLang (pip install "
+                                  "'sglang[all]'); our own Engine needs nothing") from err
+            engine = sglang.Engine(model_path=model, **engine_kwargs)
+        from engine.tokenizer import load_tokenizer
+
+        self._engine = engine
+        self.model_path = model
+        self.tokenizer = load_tokenizer(model)
+        self.policy_version = 0
+        self._group = None
+
+    def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Draws params.n samples per prompt; one RequestOutput per prompt, in order."""
+        prompts = normalize_prompts(prompts)
+        params = normalize_params(sampling_params, len(prompts))
+        ids = [p if isinstance(p, list) else self._encode(p) for p in prompts]
+        flat_ids, flat_params = [], []
+        for i, p in zip(ids, params):
+            flat_ids += [i] * p.n
+            flat_params += [to_sglang_params(p)] * p.n
+        results = self._engine.generate(input_ids=flat_ids, sampling_params=flat_params,
+                                        return_logprob=True)
+        if len(results) != len(flat_ids):
+            raise RuntimeError(f"SGLang returned {len(results)} results for "
+                               f"{len(flat_ids)} requests")
+        outs, k = [], 0
+        for index, (i, p) in enumerate(zip(ids, params)):
+            samples = []
+            for j in range(p.n):
+                c = from_sglang_output(results[k])
+                c.index = j
+                if not p.logprobs:
+                    c.logprobs = None
+                samples.append(c)
+                k += 1
+            outs.append(RequestOutput(index, i, samples))
+        return outs
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer; pass token-id prompts")
+        return list(self.tokenizer(text)["input_ids"])
+
+    # -- weight sync ---------------------------------------------------------------
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
+                         group_name: str = "brorl_weight_sync", backend: str = "nccl") -> None:
+        """Joins the trainer's weight-sync group (the trainer is rank 0)."""
+        self._engine.init_weights_update_group(
+            master_address=host, master_port=port, rank_offset=rank_offset,
+            world_size=world_size, group_name=group_name, backend=backend)
+        self._group = group_name
+
+    def apply_manifest(self, manifest) -> None:
+        """Receives one sync described by a weight-sync `Manifest`: SGLang checks the
+        names/shapes, receives each tensor's broadcast, loads it and flushes its cache."""
+        if self._group is None:
+            raise RuntimeError("call init_weight_sync before apply_manifest")
+        entries = manifest.entries()
+        result = self._engine.update_weights_from_distributed(
+            names=[e.name for e, _ in entries], dtypes=[d for _, d in entries],
+            shapes=[list(e.shape) for e, _ in entries], group_name=self._group,
+            flush_cache=True)
+        _check_ok(result, "update_weights_from_distributed")
+        self.policy_version = manifest.version
+
+    def update_weights(self, named_tensors, version: int | None = None) -> None:
+        """In-process update (SGLang's update_weights_from_tensor), flushing its cache."""
+        items = list(named_tensors.items()) if hasattr(named_tensors, "items") \
+            else list(named_tensors)
+        result = self._engine.update_weights_from_tensor(named_tensors=items,
+                                                         flush_cache=True)
+        _check_ok(result, "update_weights_from_tensor")
+        self.policy_version = self.policy_version + 1 if version is None else int(version)
+
+    def stats(self) -> dict:
+        return {"policy_version": self.policy_version, "backend": "sglang"}
+
+
+def _check_ok(result, what: str) -> None:
+    """SGLang answers (success, message) tuples or dicts; raise on a failure."""
+    ok, message = True, ""
+    if isinstance(result, tuple) and result:
+        ok, message = bool(result[0]), str(result[1]) if len(result) > 1 else ""
+    elif isinstance(result, dict):
+        ok, message = bool(result.get("success", True)), str(result.get("message", ""))
+    if not ok:
+        raise ValueError(f"SGLang {what} failed: {message}")

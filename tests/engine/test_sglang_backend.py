@@ -1,0 +1,111 @@
+"""The SGLang backend's translation layer against a fake sglang.Engine (sglang itself is
+optional and not installed in CI): SamplingParams -> SGLang dicts, results -> our
+RequestOutputs, and our weight-sync manifest -> update_weights_from_distributed."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from engine import SamplingParams
+from engine.backends.sglang import SGLangEngine, from_sglang_output, to_sglang_params
+from trainer.weight_sync.protocol import plan_buckets
+
+
+class FakeSGLang:
+    """Answers like sglang.Engine: output token k of request r is 100 * r + k."""
+
+    def __init__(self, finish="length", update_result=(True, "ok")) -> None:
+        self.calls = []
+        self.finish = finish
+        self.update_result = update_result
+
+    def generate(self, input_ids, sampling_params, return_logprob):
+        self.calls.append(("generate", input_ids, sampling_params, return_logprob))
+        out = []
+        for r, sp in enumerate(sampling_params):
+            toks = [100 * r + k for k in range(sp["max_new_tokens"])]
+            out.append({"text": f"r{r}", "meta_info": {
+                "finish_reason": {"type": self.finish},
+                "output_token_logprobs": [(-0.5 * (k + 1), t, None)
+                                          for k, t in enumerate(toks)]}})
+        return out
+
+    def init_weights_update_group(self, **kw):
+        self.calls.append(("init", kw))
+        return True, "ok"
+
+    def update_weights_from_distributed(self, **kw):
+        self.calls.append(("update", kw))
+        return self.update_result
+
+    def update_weights_from_tensor(self, **kw):
+        self.calls.append(("tensor", kw))
+        return self.update_result
+
+
+def test_sampling_params_translate_to_sglang_names():
+    p = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_tokens=33,
+                       min_tokens=2, seed=5, stop_token_ids=[7, 9], ignore_eos=True)
+    assert to_sglang_params(p) == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "max_new_tokens": 33,
+        "min_new_tokens": 2, "ignore_eos": True, "stop_token_ids": [7, 9]}
+    assert "stop_token_ids" not in to_sglang_params(SamplingParams())
+
+
+def test_generate_expands_n_and_regroups_in_order(qwen2):
+    fake = FakeSGLang()
+    eng = SGLangEngine(qwen2[0], engine=fake)
+    prompts = [[1, 2, 3], [4, 5]]
+    params = [SamplingParams(n=2, max_tokens=3), SamplingParams(n=3, max_tokens=2,
+                                                                logprobs=False)]
+    outs = eng.generate(prompts, params)
+    _, ids, sps, want_lp = fake.calls[0]
+    assert ids == [[1, 2, 3]] * 2 + [[4, 5]] * 3 and want_lp
+    assert [s["max_new_tokens"] for s in sps] == [3, 3, 2, 2, 2]
+    assert [o.request_id for o in outs] == [0, 1]
+    assert [o.prompt_token_ids for o in outs] == prompts
+    assert [c.index for c in outs[1].outputs] == [0, 1, 2]
+    assert outs[0].outputs[1].token_ids == [100, 101, 102]
+    assert outs[0].outputs[1].logprobs == [-0.5, -1.0, -1.5]
+    assert outs[1].outputs[0].token_ids == [200, 201] and outs[1].outputs[0].logprobs is None
+    assert all(c.finish_reason == "length" for o in outs for c in o.outputs)
+
+
+def test_an_aborted_request_raises():
+    with pytest.raises(RuntimeError, match="abort"):
+        from_sglang_output({"output_ids": [1], "meta_info": {"finish_reason":
+                                                             {"type": "abort"}}})
+
+
+def test_manifest_becomes_update_weights_from_distributed(qwen2):
+    fake = FakeSGLang()
+    eng = SGLangEngine(qwen2[0], engine=fake)
+    named = [("a.weight", torch.zeros(3, 4)), ("b.bias", torch.zeros(5, dtype=torch.bfloat16))]
+    manifest = plan_buckets(named, 1 << 20, version=9)
+    with pytest.raises(RuntimeError, match="init_weight_sync"):
+        eng.apply_manifest(manifest)
+    eng.init_weight_sync("10.0.0.1", 2345, rank_offset=1, world_size=3)
+    eng.apply_manifest(manifest)
+    assert fake.calls[0] == ("init", dict(master_address="10.0.0.1", master_port=2345,
+                                          rank_offset=1, world_size=3,
+                                          group_name="brorl_weight_sync", backend="nccl"))
+    assert fake.calls[1] == ("update", dict(names=["a.weight", "b.bias"],
+                                            dtypes=["float32", "bfloat16"],
+                                            shapes=[[3, 4], [5]],
+                                            group_name="brorl_weight_sync", flush_cache=True))
+    assert eng.policy_version == 9
+
+
+def test_a_failed_update_is_an_error_and_keeps_the_version(qwen2):
+    eng = SGLangEngine(qwen2[0], engine=FakeSGLang(update_result=(False, "shape mismatch")))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        eng.update_weights({"a": torch.zeros(2)}, version=4)
+    assert eng.policy_version == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is not None,
+                    reason="sglang is installed")
+def test_without_sglang_the_error_says_what_to_install(qwen2):
+    with pytest.raises(ImportError, match="pip install"):
+        SGLangEngine(qwen2[0])
