@@ -91,13 +91,15 @@ LAZY_BACKENDS: dict[str, str] = {"triton": "engine.attention_triton:TritonBacken
                                  "cpp": "engine.attention_cpp:CppBackend"}
 
 
-def _auto(kv: KVPool, device: torch.device) -> str:
-    if device.type == "cpu" and kv.k.dtype in (torch.float32, torch.bfloat16):
+def default_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend "auto" picks for a KV pool of `dtype` on `device` (`brorl info` asks)."""
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from kernels.decode_attention_cpp import attention_ext_built
 
         if attention_ext_built():
             return "cpp"
-    if device.type == "cpu" and kv.k.dtype == torch.float32:
+    if device.type == "cpu" and dtype == torch.float32:
         try:
             import numba  # noqa: F401
         except ImportError:
@@ -110,6 +112,10 @@ def _auto(kv: KVPool, device: torch.device) -> str:
             return "torch"
         return "triton"
     return "torch"
+
+
+def _auto(kv: KVPool, device: torch.device) -> str:
+    return default_backend(device, kv.k.dtype)
 
 
 def _resolve(name: str):
