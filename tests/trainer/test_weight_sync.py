@@ -176,3 +176,50 @@ def test_receiver_killed_mid_sync_is_a_clear_error_and_trainer_state_survives(
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+# -- the probe check in the embedded loop ------------------------------------------------
+def _embedded_run(engine_path, model):
+    import types
+
+    from engine import Engine
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["rollout.weight_sync_probe=true"])
+    return types.SimpleNamespace(engine=Engine(engine_path, page_size=4, max_kv_tokens=256),
+                                 model=model, cfg=cfg)
+
+
+def test_embedded_sync_logs_a_probe_difference_under_1e5(qwen2, trainer_model):
+    from trainer.loop import sync_weights
+
+    run = _embedded_run(qwen2[0], trainer_model)
+    out = sync_weights(run, step=4)
+    assert out["weight_sync/probe_max_abs_diff"] < 1e-5
+    assert run.engine.stats()["policy_version"] == 4
+
+
+def test_probe_warns_when_engine_runs_other_weights(qwen2, trainer_model, caplog):
+    from trainer.weight_sync.probe import probe_check
+
+    run = _embedded_run(qwen2[0], trainer_model)  # engine still has the old weights
+    with caplog.at_level("WARNING", logger="brorl"):
+        diff = probe_check(run.engine, run.model, "float32")
+    assert diff > 1e-2
+    assert "weight sync probe" in caplog.text
+
+
+@pytest.mark.gpu
+def test_nccl_channel_world_size_one_sends_through_the_protocol(qwen2):
+    pytest.importorskip("cupy")
+    tx = make_sender("nccl", host="127.0.0.1", port=free_port(), world_size=1, timeout_s=30,
+                     bucket_bytes=20_000, dtype="bfloat16", device="cuda")
+    t = torch.arange(5, dtype=torch.int64, device="cuda")
+    tx.channel.allreduce_max(t)
+    tx.channel.broadcast(t, src=0)
+    assert t.tolist() == [0, 1, 2, 3, 4]
+    named = [(n, p.cuda()) for n, p in qwen2[1].named_parameters()]
+    stats = tx.send(named, version=2)
+    assert stats["buckets"] > 2
+    assert stats["bytes"] == sum(p.numel() * 2 for _, p in named)
+    tx.close()

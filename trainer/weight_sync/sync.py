@@ -105,6 +105,7 @@ class WeightReceiver:
             raise ValueError("rank 0 of a weight-sync group is the sender")
         self.channel = channel
         self.engine = engine
+        self._buffers: list[torch.Tensor] = []  # kept between syncs: no fresh page faults
 
     def receive(self) -> int:
         """Waits for one sync and applies it; returns the new policy version. On a refused
@@ -119,8 +120,8 @@ class WeightReceiver:
             problem = str(err)
         _agree(ch, problem, "manifest")
         named: list[tuple[str, torch.Tensor]] = []
-        for bucket in manifest.buckets:
-            data = torch.empty(bucket.num_bytes, dtype=torch.uint8, device=ch.device)
+        for i, bucket in enumerate(manifest.buckets):
+            data = self._buffer(i, bucket.num_bytes)
             ch.broadcast(data, src=0)
             named += unpack(bucket, data)
         problem = None
@@ -130,6 +131,15 @@ class WeightReceiver:
             problem = f"applying the weights failed: {err}"
         _agree(ch, problem, "apply")
         return manifest.version
+
+    def _buffer(self, i: int, num_bytes: int) -> torch.Tensor:
+        """Bucket i's receive buffer, reused across syncs (grown when a bucket grows)."""
+        if i == len(self._buffers):
+            self._buffers.append(torch.empty(0, dtype=torch.uint8, device=self.channel.device))
+        if self._buffers[i].numel() < num_bytes:
+            self._buffers[i] = torch.empty(num_bytes, dtype=torch.uint8,
+                                           device=self.channel.device)
+        return self._buffers[i][:num_bytes]
 
     def close(self) -> None:
         self.channel.close()
