@@ -1,4 +1,4 @@
-"""`brorl train | eval | plot`: the command-line entry point (argument parsing lives here
+"""`brorl train | eval | plot | info`: the command-line entry point (argument parsing lives here
 only)."""
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="PNG curves of a run (accuracy, reward vs hours)")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
+    i = sub.add_parser("info", help="versions, GPU, built C++ extensions and the engine "
+                       "implementations this machine would use")
+    _info_arguments(i)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
+        return {"train": _train, "eval": _eval, "plot": _plot,
+                "info": _info}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"brorl {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -88,6 +92,18 @@ def _eval(args) -> int:
         result = evaluate(engine, held_out, cfg, pool)
     print(json.dumps({"checkpoint": str(path), **result}, indent=1))
     return 0
+
+
+def _info_arguments(parser) -> None:
+    from engine.info import add_arguments
+
+    add_arguments(parser)
+
+
+def _info(args) -> int:
+    from engine.info import run
+
+    return run(args)
 
 
 def _plot(args) -> int:
