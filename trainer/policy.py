@@ -54,6 +54,12 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.
     head = model.get_output_embeddings()
     flat_h = hidden[mask]
     flat_t = targets[mask]
+    if _use_triton(flat_h, head.weight):  # fused Triton forward on CUDA, same contract
+        from kernels.token_logprob import token_logprob_entropy
+
+        stats = torch.stack(token_logprob_entropy(flat_h, head.weight, flat_t, head.bias,
+                                                  temperature, impl="triton"))
+        return _scatter(stats, hidden, mask, with_entropy)
     pieces = []
     for i in range(0, flat_h.shape[0], chunk):
         h, t = flat_h[i:i + chunk], flat_t[i:i + chunk]
@@ -63,6 +69,18 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.
         else:
             pieces.append(_chunk_stats(h, head.weight, head.bias, t, temperature))
     stats = torch.cat(pieces, dim=1) if pieces else hidden.new_zeros((2, 0))
+    return _scatter(stats, hidden, mask, with_entropy)
+
+
+def _use_triton(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    if hidden.device.type != "cuda" or hidden.dtype != weight.dtype or hidden.shape[0] == 0:
+        return False
+    from kernels.token_logprob import _triton_available
+
+    return _triton_available()
+
+
+def _scatter(stats, hidden, mask, with_entropy):
     logprobs = hidden.new_zeros(mask.shape, dtype=torch.float32)
     entropy = hidden.new_zeros(mask.shape, dtype=torch.float32)
     logprobs = logprobs.masked_scatter(mask, stats[0])
