@@ -37,6 +37,41 @@ struct RefcountView {
   std::shared_ptr<PageAllocator> alloc;
 };
 
+// A list/tuple of Python ints as int64s (a fast path for lists and tuples; any other
+// sequence goes through pybind11's caster). Anything else raises TypeError.
+std::vector<int64_t> to_ints(py::handle obj, const char* what) {
+  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr())) {
+    if (PyUnicode_Check(obj.ptr()) || PyBytes_Check(obj.ptr()) ||
+        !PySequence_Check(obj.ptr())) {
+      throw py::type_error(std::string(what) + " must be a sequence of ints, got " +
+                           std::string(py::str(py::type::of(obj).attr("__name__"))));
+    }
+    try {
+      return obj.cast<std::vector<int64_t>>();
+    } catch (const py::cast_error&) {
+      throw py::type_error(std::string(what) + " must be a sequence of ints");
+    }
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(obj.ptr());
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = items[i];
+    if (!PyLong_Check(item)) {
+      throw py::type_error(std::string(what) + " must be ints, item " + std::to_string(i) +
+                           " is " + std::string(Py_TYPE(item)->tp_name));
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0) {
+      throw py::type_error(std::string(what) + " must fit in 64 bits, item " +
+                           std::to_string(i) + " does not");
+    }
+    out[static_cast<size_t>(i)] = v;
+  }
+  return out;
+}
+
 py::tuple as_tuple(const std::vector<int64_t>& v) {
   py::tuple t(v.size());
   for (size_t i = 0; i < v.size(); ++i) t[i] = py::int_(v[i]);
@@ -45,7 +80,9 @@ py::tuple as_tuple(const std::vector<int64_t>& v) {
 
 std::shared_ptr<Tree> tree_of(const NodeRef& ref, const Tree& self) {
   auto t = ref.tree.lock();
-  if (t.get() != &self) throw std::invalid_argument("this node handle belongs to another radix cache");
+  if (t.get() != &self) {
+    throw std::invalid_argument("this node handle belongs to another radix cache");
+  }
   return t;
 }
 
@@ -77,8 +114,12 @@ void bind_allocator(py::module_& m) {
       .def_property_readonly("num_pages", &PageAllocator::num_pages)
       .def_property_readonly("num_free", &PageAllocator::num_free)
       .def("alloc", &PageAllocator::alloc, py::arg("n"))
-      .def("incref", &PageAllocator::incref, py::arg("pages"))
-      .def("decref", &PageAllocator::decref, py::arg("pages"))
+      .def("incref", [](PageAllocator& a, py::handle pages) {
+        a.incref(to_ints(pages, "pages"));
+      }, py::arg("pages"))
+      .def("decref", [](PageAllocator& a, py::handle pages) {
+        return a.decref(to_ints(pages, "pages"));
+      }, py::arg("pages"))
       .def_property_readonly("refcount", [](const std::shared_ptr<PageAllocator>& a) {
         return RefcountView{a};
       })
@@ -119,13 +160,12 @@ void bind_tree(py::module_& m) {
       .def_property_readonly("num_cached_pages", &Tree::num_cached_pages)
       .def_property_readonly("num_evictable_pages", &Tree::num_evictable_pages)
       .def_property_readonly("root", [](Tree& t) { return NodeRef{t.weak_from_this(), 0}; })
-      .def("match_prefix", [](Tree& t, const std::vector<int64_t>& ids) {
-        auto [pages, id] = t.match_prefix(ids);
+      .def("match_prefix", [](Tree& t, py::handle ids) {
+        auto [pages, id] = t.match_prefix(to_ints(ids, "token ids"));
         return py::make_tuple(py::cast(pages), NodeRef{t.weak_from_this(), id});
       }, py::arg("token_ids"))
-      .def("insert", [](Tree& t, const std::vector<int64_t>& ids,
-                        const std::vector<int64_t>& pages) {
-        auto [canonical, id] = t.insert(ids, pages);
+      .def("insert", [](Tree& t, py::handle ids, py::handle pages) {
+        auto [canonical, id] = t.insert(to_ints(ids, "token ids"), to_ints(pages, "pages"));
         return py::make_tuple(py::cast(canonical), NodeRef{t.weak_from_this(), id});
       }, py::arg("token_ids"), py::arg("pages"))
       .def("lock", [](Tree& t, const NodeRef& r) { tree_of(r, t)->lock(r.id); }, py::arg("node"))

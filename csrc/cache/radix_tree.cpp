@@ -99,8 +99,9 @@ size_t RadixTree::common_pages(const RadixNode* child, const std::vector<int64_t
 RadixNode* RadixTree::split(RadixNode* node, size_t j) {
   const size_t ps = static_cast<size_t>(page_size_);
   RadixNode* parent = node->parent;
-  RadixNode* mid = new_node(parent, std::vector<int64_t>(node->key.begin(), node->key.begin() + j * ps),
-                            std::vector<int32_t>(node->pages.begin(), node->pages.begin() + j));
+  RadixNode* mid =
+      new_node(parent, std::vector<int64_t>(node->key.begin(), node->key.begin() + j * ps),
+               std::vector<int32_t>(node->pages.begin(), node->pages.begin() + j));
   mid->lock_ref = node->lock_ref;
   mid->last_access = node->last_access;
   // mid takes node's place among parent's children (same first page, same position).
@@ -272,7 +273,9 @@ std::string RadixTree::check_node(const RadixNode* node, std::vector<char>& seen
   }
   if (node->lock_ref != node->handles + below) return "bad lock_ref";
   for (int32_t p : node->pages) {
-    if (p < 0 || p >= allocator_->num_pages()) return "cached page " + std::to_string(p) + " is not in the pool";
+    if (p < 0 || p >= allocator_->num_pages()) {
+      return "cached page " + std::to_string(p) + " is not in the pool";
+    }
     if (seen[p]) return "page " + std::to_string(p) + " cached twice";
     if (allocator_->refcounts()[p] < 1) return "cached page " + std::to_string(p) + " is free";
     seen[p] = 1;

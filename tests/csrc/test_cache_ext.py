@@ -296,3 +296,15 @@ def test_engine_gives_the_same_samples_and_stats_on_both(monkeypatch, qwen2):
                                                 "cached_pages")})
     assert results["cpp"] == results["python"]
     assert results["cpp"][1]["preemptions"] > 0 and results["cpp"][1]["cached_prompt_tokens"] > 0
+
+
+def test_token_ids_may_be_any_int_sequence_like_in_python():
+    import numpy as np
+
+    cache, alloc = cpp_cache(page_size=2)
+    pages = alloc.alloc(2)
+    cache.insert((4, 5, 6, 7), pages)
+    for ids in ([4, 5, 6, 7, 8], (4, 5, 6, 7), range(4, 8), np.arange(4, 8), [4, 5, True, 7]):
+        assert cache.match_prefix(ids)[0] == (pages if ids[2] == 6 else pages[:1])
+    with pytest.raises(TypeError, match="item 1 is float"):
+        cache.match_prefix([4, 5.0])
