@@ -13,6 +13,12 @@ so nothing is downloaded. Rows:
 - engine/paged:   our engine, plain paged decode attention (each sample reads the prefix)
 - transformers:   `generate(num_return_sequences=N)` on the same checkpoint and workload
 
+`--backends torch numba cpp cpp-bf16` adds engine/cascade rows with that attention backend
+forced (engine/cascade[torch] is the plain-torch reference; cpp-bf16 runs the cpp backend
+with a bfloat16 model and KV), and the ratios cpp_over_torch_n<N>:
+
+    python bench/throughput.py --ns 16 512 --hf-ns --backends torch numba cpp cpp-bf16
+
 samples/s = samples / wall seconds; tokens/s counts generated tokens only. The headline
 figures are ratios measured in this one run (engine/transformers at each N, and engine
 N=512 over N=16); absolute figures only mean something on the device they name.
@@ -57,10 +63,15 @@ def make_prompts(num_prompts: int, prompt_len: int, seed: int) -> list[list[int]
     return ids.tolist()
 
 
-def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed: int) -> dict:
+BACKENDS = {"torch": ("torch", "float32"), "numba": ("numba", "float32"),
+            "cpp": ("cpp", "float32"), "cpp-bf16": ("cpp", "bfloat16")}
+
+
+def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed: int,
+               backend: str = "auto", dtype: str = "float32") -> dict:
     from engine import Engine, SamplingParams
 
-    engine = Engine(path, cascade_decode=cascade)
+    engine = Engine(path, cascade_decode=cascade, attention_backend=backend, dtype=dtype)
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True,
                             seed=seed)
     engine.generate(prompts[:1], SamplingParams(n=2, max_tokens=2, seed=seed))  # warm-up
@@ -74,7 +85,7 @@ def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed:
     delta = {k: after[k] - before[k] for k in ("prefill_tokens", "cached_prompt_tokens",
                                                "decode_steps", "preemptions")}
     return dict(seconds=seconds, samples=sum(len(o.outputs) for o in outs), tokens=tokens,
-                attention_backend=after["attention_backend"], **delta)
+                attention_backend=after["attention_backend"], dtype=dtype, **delta)
 
 
 def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int) -> dict:
@@ -121,6 +132,8 @@ def main(argv=None) -> dict:
                     help="N values also run through transformers (default: all)")
     ap.add_argument("--quick", action="store_true",
                     help="total 128, N in {16, 128}, 32 new tokens: a smoke run")
+    ap.add_argument("--backends", nargs="*", default=[], choices=list(BACKENDS),
+                    help="also run engine/cascade with these attention backends forced")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
                     "throughput-<device>.json; --quick writes nothing unless given)")
@@ -144,6 +157,11 @@ def main(argv=None) -> dict:
                                                True, args.seed)),
                     ("engine/paged", partial(run_engine, tmp, prompts, n, args.new_tokens,
                                              False, args.seed))]
+            for name in args.backends:
+                backend, dtype = BACKENDS[name]
+                runs.append((f"engine/cascade[{name}]",
+                             partial(run_engine, tmp, prompts, n, args.new_tokens, True,
+                                     args.seed, backend, dtype)))
             if n in hf_ns:
                 runs.append(("transformers", partial(run_transformers, tmp, prompts, n,
                                                      args.new_tokens, args.seed)))
@@ -153,7 +171,7 @@ def main(argv=None) -> dict:
                          samples_per_s=r["samples"] / r["seconds"],
                          tokens_per_s=r["tokens"] / r["seconds"])
                 rows.append(r)
-                print(f"  N={n:4d} {system:15s} {r['samples_per_s']:8.1f} samples/s "
+                print(f"  N={n:4d} {system:25s} {r['samples_per_s']:8.1f} samples/s "
                       f"({r['seconds']:.2f} s)", flush=True)
     result = dict(benchmark="throughput", device=device_name(), cpu=platform.processor() or
                   platform.machine(), cpu_count=os.cpu_count(), torch_threads=threads,
@@ -161,7 +179,8 @@ def main(argv=None) -> dict:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   config=dict(model=MODEL, num_params=num_params, total=args.total,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                              ns=args.ns, seed=args.seed, dtype="float32", temperature=1.0),
+                              ns=args.ns, backends=args.backends, seed=args.seed,
+                              dtype="float32", temperature=1.0),
                   rows=rows, ratios=ratios(rows, args.ns))
     print_table(rows, result["ratios"])
     out = args.out or (None if args.quick else
@@ -181,6 +200,10 @@ def ratios(rows: list[dict], ns: list[int]) -> dict:
             out[f"cascade_over_transformers_n{n}"] = (rate["engine/cascade", n]
                                                       / rate["transformers", n])
         out[f"cascade_over_paged_n{n}"] = rate["engine/cascade", n] / rate["engine/paged", n]
+        for name in ("numba", "cpp", "cpp-bf16"):
+            if (f"engine/cascade[{name}]", n) in rate and ("engine/cascade[torch]", n) in rate:
+                out[f"{name}_over_torch_n{n}"] = (rate[f"engine/cascade[{name}]", n]
+                                                  / rate["engine/cascade[torch]", n])
     lo, hi = min(ns), max(ns)
     for system in ("engine/cascade", "engine/paged", "transformers"):
         if (system, lo) in rate and (system, hi) in rate and lo != hi:
@@ -192,10 +215,10 @@ def print_table(rows: list[dict], ratio: dict) -> None:
     systems = list(dict.fromkeys(r["system"] for r in rows))
     ns = list(dict.fromkeys(r["n"] for r in rows))
     rate = {(r["system"], r["n"]): r["samples_per_s"] for r in rows}
-    print(f"\n{'samples/s':15s}" + "".join(f"{'N=' + str(n):>10s}" for n in ns))
+    print(f"\n{'samples/s':25s}" + "".join(f"{'N=' + str(n):>10s}" for n in ns))
     for s in systems:
         cells = [f"{rate[s, n]:10.1f}" if (s, n) in rate else f"{'-':>10s}" for n in ns]
-        print(f"{s:15s}" + "".join(cells))
+        print(f"{s:25s}" + "".join(cells))
     print("\n" + "\n".join(f"{k:36s} {v:6.2f}x" for k, v in ratio.items()))
 
 
