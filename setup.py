@@ -40,6 +40,15 @@ def _cuda_wanted() -> bool:
     return torch.version.cuda is not None
 
 
+def _cuda_home() -> str:
+    """CUDA_HOME, else the toolkit that the real nvcc (symlinks resolved) belongs to."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else ""
+    return home if os.path.isdir(os.path.join(home, "lib64")) else "/usr/local/cuda"
+
+
 def get_extensions() -> list:
     """One pybind11 extension per csrc/ folder that has sources."""
     try:
@@ -59,9 +68,11 @@ def get_extensions() -> list:
                                       include_dirs=["csrc/attention"], cxx_std=17,
                                       extra_compile_args=cxx, extra_link_args=link))
     if _sources("cuda", "*_bind.cpp") and _cuda_wanted():
+        lib = os.path.join(_cuda_home(), "lib64")
         exts.append(Pybind11Extension("kernels._cuda_ext", _sources("cuda", "*_bind.cpp"),
                                       include_dirs=["csrc/cuda"], cxx_std=17,
-                                      libraries=["cudart"]))
+                                      libraries=["cudart"], library_dirs=[lib],
+                                      runtime_library_dirs=[lib]))
     elif _sources("cuda", "*.cu"):
         print("brorl: skipping the CUDA sources in csrc/cuda (needs nvcc and a CUDA build of "
               "torch)", file=sys.stderr)
@@ -114,8 +125,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "triton>=3.2", "reasoning-gym>=0.1.19", "math-verify>=0.7",
-                 "matplotlib", "pyarrow", "ruff"],
+                 "matplotlib", "pyarrow", "ruff", "ray==2.60.0"],
         "train": ["reasoning-gym>=0.1.19", "math-verify>=0.7", "matplotlib", "pyarrow"],
+        "ray": ["ray>=2.40"],
     },
     ext_modules=get_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
