@@ -83,15 +83,22 @@ def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed:
     after = engine.stats()
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     delta = {k: after[k] - before[k] for k in ("prefill_tokens", "cached_prompt_tokens",
-                                               "decode_steps", "preemptions")}
+                                               "decode_steps", "preemptions",
+                                               "decode_step_seconds", "decode_host_seconds")}
+    # host share of a decode step: scheduling, radix cache, allocator, page tables and
+    # bookkeeping, i.e. everything outside the model forward and the sampling kernel
+    delta["decode_host_fraction"] = (delta["decode_host_seconds"]
+                                     / max(delta["decode_step_seconds"], 1e-9))
     return dict(seconds=seconds, samples=sum(len(o.outputs) for o in outs), tokens=tokens,
-                attention_backend=after["attention_backend"], dtype=dtype, **delta)
+                attention_backend=after["attention_backend"], dtype=dtype,
+                cache_impl=after.get("cache_impl"), **delta)
 
 
-def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int) -> dict:
+def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int,
+                     dtype: str = "float32") -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     ids = torch.tensor(prompts)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, num_return_sequences=n, pad_token_id=0)
@@ -134,6 +141,8 @@ def main(argv=None) -> dict:
                     help="total 128, N in {16, 128}, 32 new tokens: a smoke run")
     ap.add_argument("--backends", nargs="*", default=[], choices=list(BACKENDS),
                     help="also run engine/cascade with these attention backends forced")
+    ap.add_argument("--hf-bf16", action="store_true",
+                    help="also run transformers in bfloat16 (the fair baseline for cpp-bf16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
                     "throughput-<device>.json; --quick writes nothing unless given)")
@@ -165,6 +174,10 @@ def main(argv=None) -> dict:
             if n in hf_ns:
                 runs.append(("transformers", partial(run_transformers, tmp, prompts, n,
                                                      args.new_tokens, args.seed)))
+            if n in hf_ns and args.hf_bf16:
+                runs.append(("transformers[bf16]", partial(run_transformers, tmp, prompts, n,
+                                                           args.new_tokens, args.seed,
+                                                           "bfloat16")))
             for system, fn in runs:
                 r = fn()
                 r.update(system=system, n=n, num_prompts=len(prompts),
@@ -179,7 +192,8 @@ def main(argv=None) -> dict:
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   config=dict(model=MODEL, num_params=num_params, total=args.total,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                              ns=args.ns, backends=args.backends, seed=args.seed,
+                              ns=args.ns, backends=args.backends, hf_bf16=args.hf_bf16,
+                              seed=args.seed,
                               dtype="float32", temperature=1.0),
                   rows=rows, ratios=ratios(rows, args.ns))
     print_table(rows, result["ratios"])
@@ -200,12 +214,19 @@ def ratios(rows: list[dict], ns: list[int]) -> dict:
             out[f"cascade_over_transformers_n{n}"] = (rate["engine/cascade", n]
                                                       / rate["transformers", n])
         out[f"cascade_over_paged_n{n}"] = rate["engine/cascade", n] / rate["engine/paged", n]
+        host = [r["decode_host_fraction"] for r in rows
+                if r["system"] == "engine/cascade" and r["n"] == n]
+        if host:
+            out[f"cascade_decode_host_fraction_n{n}"] = host[0]
         for name in ("numba", "cpp", "cpp-bf16"):
             if (f"engine/cascade[{name}]", n) in rate and ("engine/cascade[torch]", n) in rate:
                 out[f"{name}_over_torch_n{n}"] = (rate[f"engine/cascade[{name}]", n]
                                                   / rate["engine/cascade[torch]", n])
+        if ("engine/cascade[cpp-bf16]", n) in rate and ("transformers[bf16]", n) in rate:
+            out[f"cpp-bf16_over_transformers-bf16_n{n}"] = (
+                rate["engine/cascade[cpp-bf16]", n] / rate["transformers[bf16]", n])
     lo, hi = min(ns), max(ns)
-    for system in ("engine/cascade", "engine/paged", "transformers"):
+    for system in dict.fromkeys(r["system"] for r in rows):
         if (system, lo) in rate and (system, hi) in rate and lo != hi:
             out[f"{system.split('/')[-1]}_n{hi}_over_n{lo}"] = rate[system, hi] / rate[system, lo]
     return out

@@ -57,7 +57,10 @@ class Engine:
         self._counters = dict.fromkeys(
             ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens", "decode_tokens",
              "decode_steps", "extend_steps", "samples"), 0)
-        self._seconds = {"prefill_seconds": 0.0, "decode_seconds": 0.0}
+        # decode_host_seconds: the part of decode steps outside the model and the sampling
+        # kernel (scheduling, radix cache, allocator, page tables, bookkeeping).
+        self._seconds = dict.fromkeys(("prefill_seconds", "decode_seconds",
+                                       "decode_step_seconds", "decode_host_seconds"), 0.0)
 
     # -- public API ------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
@@ -127,6 +130,7 @@ class Engine:
 
     def _step(self) -> int:
         """Runs one scheduled step; returns the number of samples that finished."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan.empty:
             raise RuntimeError("scheduler stalled: work is queued but nothing can run "
@@ -137,6 +141,11 @@ class Engine:
         elif plan.decode:
             finished += self._decode(plan.decode)
         self.scheduler.remove_finished()
+        if plan.decode and not plan.extend and not plan.start:
+            step = time.perf_counter() - t0
+            self._seconds["decode_step_seconds"] += step
+            self._seconds["decode_host_seconds"] += (step - self.runner.last_model_seconds
+                                                     - self.sampler.last_seconds)
         if self.config.debug_integrity:
             self.check_integrity()
         return finished

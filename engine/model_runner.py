@@ -3,6 +3,8 @@ metadata), runs the model and returns the logits of the positions that sample.""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from engine.attention import DecodeMeta, ExtendMeta
@@ -23,6 +25,7 @@ class ModelRunner:
         self.backend = backend
         self.page_size = page_size
         self.device = model.device
+        self.last_model_seconds = 0.0  # forward + LM head of the last decode step
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -36,9 +39,11 @@ class ModelRunner:
         meta = self._decode_meta(seqs, positions)
         meta.slots = self._tensor(slots)
         self.backend.begin(meta)
-        hidden = self.model.forward(self._tensor([s.token_ids[-1] for s in seqs]),
-                                    self._tensor(positions), self.backend)
-        return self.model.logits(hidden)
+        ids, pos = self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions)
+        t0 = time.perf_counter()
+        logits = self.model.logits(self.model.forward(ids, pos, self.backend))
+        self.last_model_seconds = time.perf_counter() - t0
+        return logits
 
     def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> DecodeMeta:
         dev = self.device

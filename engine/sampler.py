@@ -3,6 +3,8 @@ noise keys (seed, request, sample, position) and min_tokens bans."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -15,6 +17,7 @@ class Sampler:
         self.vocab_size = vocab_size
         self.device = device
         self.impl = impl
+        self.last_seconds = 0.0  # the sampling kernel of the last call
 
     def __call__(self, logits: torch.Tensor,
                  seqs: list[Sequence]) -> tuple[list[int], list[float]]:
@@ -33,6 +36,7 @@ class Sampler:
                 if banned is None:
                     banned = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
                 banned[row, list(s.group.stop_ids)] = True
+        t0 = time.perf_counter()
         tokens, logprobs = sample(
             logits,
             col([p.temperature for p in params], torch.float32),
@@ -40,4 +44,5 @@ class Sampler:
             col([p.top_p for p in params], torch.float32),
             col([p.min_p for p in params], torch.float32),
             np.asarray(keys), banned, impl=self.impl)
+        self.last_seconds = time.perf_counter() - t0
         return tokens.tolist(), logprobs.tolist()

@@ -212,3 +212,15 @@ def test_unknown_model_type_and_backend_raise(tmp_path, qwen2):
         Engine(str(tmp_path))
     with pytest.raises(ValueError, match="attention backend 'nope'"):
         Engine(qwen2[0], attention_backend="nope", max_kv_tokens=64)
+
+
+def test_decode_time_splits_into_model_sampler_and_host(qwen2):
+    """stats() accounts each decode step: its host part (everything outside the model and
+    the sampling kernel) is positive and smaller than the whole step."""
+    path, _ = qwen2
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=8192)
+    engine.generate(list(range(3, 20)), SamplingParams(n=8, max_tokens=5, seed=0))
+    s = engine.stats()
+    assert s["decode_steps"] == 4  # the first token comes from the prefill's logits
+    assert 0 < s["decode_host_seconds"] < s["decode_step_seconds"]
+    assert s["decode_step_seconds"] >= s["decode_seconds"]
