@@ -143,12 +143,15 @@ def main(argv=None) -> dict:
                     help="also run engine/cascade with these attention backends forced")
     ap.add_argument("--hf-bf16", action="store_true",
                     help="also run transformers in bfloat16 (the fair baseline for cpp-bf16)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs of each engine row; the row reports the median (all kept in "
+                         "the JSON). transformers rows run once (they take ~30 s each)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
                     "throughput-<device>.json; --quick writes nothing unless given)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.ns, args.total, args.new_tokens = [16, 128], 128, 32
+        args.ns, args.total, args.new_tokens, args.repeats = [16, 128], 128, 32, 1
     bad = [n for n in args.ns if n < 1 or args.total % n]
     if bad:
         ap.error(f"every N must divide --total={args.total}; these do not: {bad}")
@@ -179,7 +182,7 @@ def main(argv=None) -> dict:
                                                            args.new_tokens, args.seed,
                                                            "bfloat16")))
             for system, fn in runs:
-                r = fn()
+                r = _median_run(fn, 1 if system.startswith("transformers") else args.repeats)
                 r.update(system=system, n=n, num_prompts=len(prompts),
                          samples_per_s=r["samples"] / r["seconds"],
                          tokens_per_s=r["tokens"] / r["seconds"])
@@ -193,6 +196,7 @@ def main(argv=None) -> dict:
                   config=dict(model=MODEL, num_params=num_params, total=args.total,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               ns=args.ns, backends=args.backends, hf_bf16=args.hf_bf16,
+                              repeats=args.repeats,
                               seed=args.seed,
                               dtype="float32", temperature=1.0),
                   rows=rows, ratios=ratios(rows, args.ns))
@@ -204,6 +208,15 @@ def main(argv=None) -> dict:
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
     return result
+
+
+def _median_run(fn, repeats: int) -> dict:
+    """Runs fn `repeats` times; returns the run with the median time, with every run's
+    seconds under "all_seconds"."""
+    runs = sorted((fn() for _ in range(max(1, repeats))), key=lambda r: r["seconds"])
+    out = runs[len(runs) // 2]
+    out["all_seconds"] = [r["seconds"] for r in runs]
+    return out
 
 
 def ratios(rows: list[dict], ns: list[int]) -> dict:

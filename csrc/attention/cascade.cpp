@@ -20,7 +20,7 @@ namespace {
 
 constexpr int64_t KB = 64;  // keys per block
 constexpr int64_t DC = 64;  // head_dim chunk held in registers in P V
-constexpr int64_t MB = 32;  // target query vectors per stage-1 task
+constexpr int64_t MB = 128;  // target query vectors per stage-1 task
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // S [NR, KB] = Q [NR, D] @ Kt [D, KB].
