@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+from abc import ABC, abstractmethod
 from datetime import timedelta
 
 import torch
@@ -26,7 +27,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class Channel:
+class Channel(ABC):
     """Base class: rank, world size, the device its buffers live on, and two collectives."""
 
     name = "base"
@@ -39,15 +40,15 @@ class Channel:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
 
+    @abstractmethod
     def broadcast(self, t: torch.Tensor, src: int) -> None:
         """Overwrites `t` on every rank with rank `src`'s `t` (in place)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def allreduce_max(self, t: torch.Tensor) -> None:
         """Overwrites int64 `t` with its element-wise maximum over the ranks (in place)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; a channel may hold nothing
         """Releases the group's resources."""
 
     def peers(self) -> str:
