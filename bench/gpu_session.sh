@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build the extensions (CUDA sources included), run the GPU
-# tests and the kernel benchmarks, and leave logs + JSON under $OUT (default /tmp/brorl-gpu).
+# One call on a lent GPU machine (no network there: nothing is installed, the image's
+# torch/triton/pybind11/pytest/cupy are used): build the extensions in place (CUDA sources
+# included), run the GPU tests and the kernel benchmarks, and leave logs + JSON under $OUT.
 #   bash bench/gpu_session.sh
-# The GPU machines bring their own CUDA torch; nothing here installs torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/brorl-gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/device.txt" 2>&1
-# no build isolation: setup.py must see the CUDA torch to compile csrc/cuda
-$PY -m pip install -q --no-build-isolation -e ".[test]" > "$OUT/install.log" 2>&1
 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 $PY -m engine.info --json > "$OUT/info.json" 2>&1
-TRITON_INTERPRET=0 $PY -m pytest -q -m gpu -p no:cacheprovider tests > "$OUT/gpu-tests.log" 2>&1
+# the real Triton compiler, not the interpreter that tests/conftest.py picks by default
+TRITON_INTERPRET=0 $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  tests/kernels tests/csrc tests/engine tests/trainer/test_weight_sync.py \
+  > "$OUT/gpu-tests.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/gpu-tests.log"
 $PY bench/kernels.py > "$OUT/kernels.log" 2>&1
 $PY bench/kernels_sampling.py > "$OUT/kernels-sampling.log" 2>&1
