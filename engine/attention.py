@@ -56,19 +56,31 @@ class TorchBackend:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
+        """Writes the step's K/V, then runs extend, cascade or paged attention. Fast
+        backends override `paged`, `cascade_decode` and `extend`, not this dispatch."""
         m = self.meta
         self.kv.write(layer, m.slots, k, v)
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         if isinstance(m, ExtendMeta):
-            return extend_attention_ref(q, kc, vc, m.page_tables, m.prefix_lens, m.extend_lens,
-                                        self.scale)
+            return self.extend(q, kc, vc, m)
         if self.cascade:
-            out = cascade_decode_ref(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
-                                     m.suffix_pages, m.suffix_lens, self.scale,
-                                     paged_fn=self.paged)
+            out = self.cascade_decode(q, kc, vc, m)
         else:
             out, _ = self.paged(q, kc, vc, m.page_table, m.seq_lens, self.scale)
         return out.to(q.dtype)
+
+    def extend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+               m: ExtendMeta) -> torch.Tensor:
+        """Prefill attention of one layer -> [T, num_heads, head_dim] in q's dtype."""
+        return extend_attention_ref(q, kc, vc, m.page_tables, m.prefix_lens, m.extend_lens,
+                                    self.scale)
+
+    def cascade_decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                       m: DecodeMeta) -> torch.Tensor:
+        """Shared-prefix decode of one layer -> float32 [B, num_heads, head_dim]."""
+        return cascade_decode_ref(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
+                                  m.suffix_pages, m.suffix_lens, self.scale,
+                                  paged_fn=self.paged)
 
 
 class NumbaBackend(TorchBackend):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import ExtendMeta, TorchBackend
+from engine.attention import DecodeMeta, TorchBackend
 from engine.kv_pool import KVPool
 from kernels.decode_attention_cpp import attention_ext_built, cascade_decode_cpp, paged_decode_cpp
 
@@ -27,13 +27,6 @@ class CppBackend(TorchBackend):
                              f"got {kv.k.dtype} on {kv.k.device}")
         super().__init__(kv, scale, cascade)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor:
-        m = self.meta
-        if isinstance(m, ExtendMeta) or not self.cascade:
-            return super().__call__(layer, q, k, v)
-        self.kv.write(layer, m.slots, k, v)
-        out = cascade_decode_cpp(q, self.kv.k[layer], self.kv.v[layer], m.group_rows,
-                                 m.prefix_pages, m.prefix_lens, m.suffix_pages, m.suffix_lens,
-                                 self.scale)
-        return out.to(q.dtype)
+    def cascade_decode(self, q, kc, vc, m: DecodeMeta) -> torch.Tensor:
+        return cascade_decode_cpp(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
+                                  m.suffix_pages, m.suffix_lens, self.scale)

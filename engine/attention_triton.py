@@ -33,17 +33,9 @@ class TritonBackend(TorchBackend):
             self.packed = pack_extend_meta(meta.page_tables, meta.prefix_lens,
                                            meta.extend_lens, meta.slots.device)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor:
-        m = self.meta
-        self.kv.write(layer, m.slots, k, v)
-        kc, vc = self.kv.k[layer], self.kv.v[layer]
-        if isinstance(m, ExtendMeta):
-            return extend_attention_packed(q, kc, vc, self.packed, self.scale)
-        if self.cascade:
-            out = cascade_decode_triton(q, kc, vc, m.group_rows, m.prefix_pages,
-                                        m.prefix_lens, m.suffix_pages, m.suffix_lens,
-                                        self.scale)
-        else:
-            out, _ = self.paged(q, kc, vc, m.page_table, m.seq_lens, self.scale)
-        return out.to(q.dtype)
+    def extend(self, q, kc, vc, m: ExtendMeta) -> torch.Tensor:
+        return extend_attention_packed(q, kc, vc, self.packed, self.scale)
+
+    def cascade_decode(self, q, kc, vc, m: DecodeMeta) -> torch.Tensor:
+        return cascade_decode_triton(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
+                                     m.suffix_pages, m.suffix_lens, self.scale)

@@ -7,21 +7,12 @@ import pytest
 import torch
 
 from trainer import loop
-from trainer.config import DemoConfig, load_config
-from trainer.demo import demo_policy
+from trainer.config import load_config
 from trainer.loop import setup, train, train_step
 from trainer.metrics import read_metrics
 from trainer.policy import pad_batch, token_logprobs
 
 _TIME_KEYS = ("time", "elapsed_s", "step_seconds", "seconds", "per_s")
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    cfg = DemoConfig(sft_steps=3, sft_examples=64, sft_batch_size=8, hidden_size=32,
-                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     cache_dir=str(tmp_path_factory.mktemp("demo")))
-    return demo_policy(cfg, progress=False)
 
 
 def _cfg(path, out, **extra):

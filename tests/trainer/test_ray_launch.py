@@ -7,17 +7,7 @@ import types
 
 import pytest
 
-from trainer.config import DemoConfig
-from trainer.demo import demo_policy
 from trainer.metrics import read_metrics
-
-
-@pytest.fixture(scope="module")
-def tiny_policy(tmp_path_factory):
-    cfg = DemoConfig(sft_steps=3, sft_examples=64, sft_batch_size=8, hidden_size=32,
-                     intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     cache_dir=str(tmp_path_factory.mktemp("demo")))
-    return demo_policy(cfg, progress=False)
 
 
 def test_ray_launch_two_steps_probe_matches(tiny_policy, tmp_path, monkeypatch):
