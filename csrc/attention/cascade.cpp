@@ -1,14 +1,17 @@
 // Cascade (shared-prefix) decode. Stage 1: per group, KV head and block of the group's rows,
 // the block's queries x query heads form an [m, D] tile that runs against the group's
-// prefix as blocked matrix products with an online softmax (key blocks of KB tokens copied
-// to float once per task: K transposed for the Q K^T product, V row-major for P V); the
-// prefix of one (group, KV head) stays in cache across the blocks. Stage 2: per row and
-// KV head, the private suffix (attend_pages), merged exactly into the prefix result.
+// prefix in chunks of LC keys: S = Q K^T for the whole chunk (register-tiled, MR query rows
+// x 64 keys in 4 * MR vector accumulators), one exact softmax pass per row over the chunk
+// (rescaling earlier chunks online), then O += P V (MR rows x 64 columns). Each chunk's K is
+// copied to float once per task, transposed for Q K^T, and V row-major; the prefix of one
+// (group, KV head) stays in cache across the blocks of rows. Stage 2: per row and KV head,
+// the private suffix (attend_pages), merged exactly into the prefix result.
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
@@ -18,47 +21,87 @@ namespace brorl {
 
 namespace {
 
-constexpr int64_t KB = 64;  // keys per block
-constexpr int64_t DC = 64;  // head_dim chunk held in registers in P V
+constexpr int64_t LC = 256;  // prefix keys per chunk (the chunk's scores stay in L2)
+constexpr int64_t NK = 64;   // keys per register tile of Q K^T
 constexpr int64_t MB = 128;  // target query vectors per stage-1 task
+constexpr int MR = 6;        // query rows per register tile: 6 x 4 accumulators + 4 loads
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// S [NR, KB] = Q [NR, D] @ Kt [D, KB].
-template <int NR>
-inline void qk_tile(const float* Q, int64_t D, const float* Kt, float* S) {
-  float acc[NR][KB] = {};
+inline v16 splat(float x) { return v16{} + x; }
+
+// S [R, NK] (row stride lds) = Q [R, D] @ Kt [D, NK] (row stride ldk).
+template <int R>
+inline void qk_micro(const float* Q, int64_t D, const float* Kt, int64_t ldk, float* S,
+                     int64_t lds) {
+  v16 acc[R][4] = {};
   for (int64_t d = 0; d < D; ++d) {
-    const float* k = Kt + d * KB;
-    for (int i = 0; i < NR; ++i) {
-      const float qv = Q[i * D + d];
-#pragma omp simd
-      for (int64_t u = 0; u < KB; ++u) acc[i][u] += qv * k[u];
+    const v16* k = reinterpret_cast<const v16*>(Kt + d * ldk);
+    const v16 k0 = k[0], k1 = k[1], k2 = k[2], k3 = k[3];
+    for (int i = 0; i < R; ++i) {
+      const v16 q = splat(Q[i * D + d]);
+      acc[i][0] += q * k0;
+      acc[i][1] += q * k1;
+      acc[i][2] += q * k2;
+      acc[i][3] += q * k3;
     }
   }
-  for (int i = 0; i < NR; ++i) std::copy(acc[i], acc[i] + KB, S + i * KB);
+  for (int i = 0; i < R; ++i) {
+    v16* s = reinterpret_cast<v16*>(S + i * lds);
+    s[0] = acc[i][0];
+    s[1] = acc[i][1];
+    s[2] = acc[i][2];
+    s[3] = acc[i][3];
+  }
 }
 
-// O [NR, D] += P [NR, :kb] (row stride KB) @ V [kb, D].
-template <int NR>
-inline void pv_tile(const float* P, const float* V, int64_t D, int64_t kb, float* O) {
-  for (int64_t d0 = 0; d0 < D; d0 += DC) {
-    if (d0 + DC > D) {  // ragged tail of head_dim
-      for (int i = 0; i < NR; ++i)
-        for (int64_t u = 0; u < kb; ++u)
-          for (int64_t c = d0; c < D; ++c) O[i * D + c] += P[i * KB + u] * V[u * D + c];
-      break;
+// O [R, 16 * NV] (row stride D) += P [R, kb] (row stride ldp) @ V [kb, 16 * NV] (stride D).
+template <int R, int NV>
+inline void pv_micro(const float* P, int64_t ldp, const float* V, int64_t D, int64_t kb,
+                     float* O) {
+  v16 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c] = reinterpret_cast<const v16*>(O + i * D)[c];
+  for (int64_t u = 0; u < kb; ++u) {
+    const v16* v = reinterpret_cast<const v16*>(V + u * D);
+    v16 vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = v[c];
+    for (int i = 0; i < R; ++i) {
+      const v16 p = splat(P[i * ldp + u]);
+      for (int c = 0; c < NV; ++c) acc[i][c] += p * vv[c];
     }
-    float acc[NR][DC];
-    for (int i = 0; i < NR; ++i) std::copy(O + i * D + d0, O + i * D + d0 + DC, acc[i]);
-    for (int64_t u = 0; u < kb; ++u) {
-      const float* v = V + u * D + d0;
-      for (int i = 0; i < NR; ++i) {
-        const float p = P[i * KB + u];
-#pragma omp simd
-        for (int64_t c = 0; c < DC; ++c) acc[i][c] += p * v[c];
-      }
-    }
-    for (int i = 0; i < NR; ++i) std::copy(acc[i], acc[i] + DC, O + i * D + d0);
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) reinterpret_cast<v16*>(O + i * D)[c] = acc[i][c];
+}
+
+// Row counts below MR dispatch to the matching instantiation.
+template <int R>
+void qk_rows(const float* Q, int64_t D, const float* Kt, int64_t ldk, int64_t kpad, float* S,
+             int64_t lds) {
+  for (int64_t j = 0; j < kpad; j += NK) qk_micro<R>(Q, D, Kt + j, ldk, S + j, lds);
+}
+
+template <int R>
+void pv_rows(const float* P, int64_t ldp, const float* V, int64_t D, int64_t kb, float* O) {
+  int64_t c = 0;
+  for (; c + 64 <= D; c += 64) pv_micro<R, 4>(P, ldp, V + c, D, kb, O + c);
+  for (; c + 16 <= D; c += 16) pv_micro<R, 1>(P, ldp, V + c, D, kb, O + c);
+  for (int i = 0; i < R; ++i)  // head_dim not a multiple of 16: scalar tail
+    for (int64_t u = 0; u < kb; ++u)
+      for (int64_t e = c; e < D; ++e) O[i * D + e] += P[i * ldp + u] * V[u * D + e];
+}
+
+template <typename F>
+void for_row_tiles(int64_t m, F&& f) {
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) f(i, std::integral_constant<int, MR>{});
+  switch (m - i) {
+    case 5: f(i, std::integral_constant<int, 5>{}); break;
+    case 4: f(i, std::integral_constant<int, 4>{}); break;
+    case 3: f(i, std::integral_constant<int, 3>{}); break;
+    case 2: f(i, std::integral_constant<int, 2>{}); break;
+    case 1: f(i, std::integral_constant<int, 1>{}); break;
+    default: break;
   }
 }
 
@@ -66,37 +109,33 @@ struct Scratch {
   std::vector<float> q, o, kt, v, s, mx, l, os, ls, sc;
 };
 
-// Loads keys [t0, t0 + kb) of KV head g: kt [D, KB] transposed, v [kb, D].
+// Loads keys [t0, t0 + kb) of KV head g: kt [D, kpad] transposed (columns from kb on are
+// 0), v [kpad, D] (rows from kb on are 0).
 template <typename T>
-void load_block(const T* kc, const T* vc, const KVShape& kv, int64_t g, const int64_t* pages,
-                int64_t t0, int64_t kb, float* kt, float* v) {
+void load_chunk(const T* kc, const T* vc, const KVShape& kv, int64_t g, const int64_t* pages,
+                int64_t t0, int64_t kb, int64_t kpad, float* kt, float* v) {
   const int64_t D = kv.head_dim, PS = kv.page_size, tok = kv.num_kv_heads * D;
   for (int64_t u = 0; u < kb; ++u) {
     const int64_t t = t0 + u, off = (pages[t / PS] * PS + t % PS) * tok + g * D;
     const T* k = kc + off;
     const T* vv = vc + off;
-    for (int64_t d = 0; d < D; ++d) kt[d * KB + u] = to_f32(k[d]);
+    for (int64_t d = 0; d < D; ++d) kt[d * kpad + u] = to_f32(k[d]);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) v[u * D + d] = to_f32(vv[d]);
   }
-  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * KB + kb, kt + (d + 1) * KB, 0.0f);
+  for (int64_t d = 0; d < D; ++d) std::fill(kt + d * kpad + kb, kt + (d + 1) * kpad, 0.0f);
+  std::fill(v + kb * D, v + kpad * D, 0.0f);
 }
 
-// Online-softmax update of m query rows with the scores s [m, KB] of a kb-key block:
-// s becomes the unnormalised probabilities, o is rescaled.
-void softmax_update(float* s, int64_t m, int64_t kb, int64_t D, float* mx, float* l,
-                    float* o) {
+// Online-softmax update of m query rows with the scores s [m, kpad] of a kb-key chunk:
+// s becomes the unnormalised probabilities (0 past kb), o is rescaled.
+void softmax_update(float* s, int64_t m, int64_t kb, int64_t kpad, int64_t D, float* mx,
+                    float* l, float* o) {
   for (int64_t i = 0; i < m; ++i) {
-    float* si = s + i * KB;
-    float bm = si[0];
-    for (int64_t u = 1; u < kb; ++u) bm = std::max(bm, si[u]);
-    const float mnew = std::max(mx[i], bm), alpha = fast_exp(mx[i] - mnew);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t u = 0; u < kb; ++u) {
-      si[u] = fast_exp(si[u] - mnew);
-      sum += si[u];
-    }
+    float* si = s + i * kpad;
+    const float mnew = std::max(mx[i], max_of(si, kb)), alpha = fast_exp(mx[i] - mnew);
+    const float sum = exp_shift_sum(si, kb, mnew);
+    std::fill(si + kb, si + kpad, 0.0f);
     l[i] = l[i] * alpha + sum;
     mx[i] = mnew;
     if (alpha != 1.0f) {
@@ -121,19 +160,21 @@ void prefix_task(const float* q, const T* kc, const T* vc, const KVShape& kv, in
   w.o.assign(m * D, 0.0f);
   w.mx.assign(m, NEG_INF);
   w.l.assign(m, 0.0f);
-  w.kt.resize(D * KB);
-  w.v.resize(KB * D);
-  w.s.resize(m * KB);
-  for (int64_t t0 = 0; t0 < len; t0 += KB) {
-    const int64_t kb = std::min(KB, len - t0);
-    load_block(kc, vc, kv, g, pages, t0, kb, w.kt.data(), w.v.data());
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) qk_tile<4>(w.q.data() + i * D, D, w.kt.data(), w.s.data() + i * KB);
-    for (; i < m; ++i) qk_tile<1>(w.q.data() + i * D, D, w.kt.data(), w.s.data() + i * KB);
-    softmax_update(w.s.data(), m, kb, D, w.mx.data(), w.l.data(), w.o.data());
-    for (i = 0; i + 4 <= m; i += 4)
-      pv_tile<4>(w.s.data() + i * KB, w.v.data(), D, kb, w.o.data() + i * D);
-    for (; i < m; ++i) pv_tile<1>(w.s.data() + i * KB, w.v.data(), D, kb, w.o.data() + i * D);
+  w.kt.resize(D * LC);
+  w.v.resize(LC * D);
+  w.s.resize(m * LC);
+  for (int64_t t0 = 0; t0 < len; t0 += LC) {
+    const int64_t kb = std::min(LC, len - t0), kpad = (kb + NK - 1) / NK * NK;
+    load_chunk(kc, vc, kv, g, pages, t0, kb, kpad, w.kt.data(), w.v.data());
+    const float *Q = w.q.data(), *Kt = w.kt.data(), *V = w.v.data();
+    float *S = w.s.data(), *O = w.o.data();
+    for_row_tiles(m, [&](int64_t i, auto R) {
+      qk_rows<decltype(R)::value>(Q + i * D, D, Kt, kpad, kpad, S + i * kpad, kpad);
+    });
+    softmax_update(S, m, kb, kpad, D, w.mx.data(), w.l.data(), O);
+    for_row_tiles(m, [&](int64_t i, auto R) {
+      pv_rows<decltype(R)::value>(S + i * kpad, kpad, V, D, kb, O + i * D);
+    });
   }
   for (int64_t a = 0; a < nrows; ++a) {
     for (int64_t j = 0; j < r; ++j) {

@@ -52,14 +52,7 @@ void attend_pages(const float* qh, const T* k_cache, const T* v_cache, const KVS
   }
   for (int64_t j = 0; j < r; ++j) {
     float* sj = s + j * n;
-    float m = sj[0];
-    for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < n; ++t) {
-      sj[t] = fast_exp(sj[t] - m);
-      sum += sj[t];
-    }
+    const float m = max_of(sj, n), sum = exp_shift_sum(sj, n, m);
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t t = 0; t < n; ++t) sj[t] *= inv;

@@ -114,6 +114,18 @@ def test_cascade_decode_head_dim_128_and_page_16():
     check(cascade_decode_cpp(*args, 0.09), cascade_decode_ref(*args, 0.09), 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [40, 80, 128])
+def test_cascade_long_prefix_chunks_and_ragged_tiles(dtype, d):
+    """Prefixes longer than one 256-key chunk (online softmax across chunks, a partial last
+    chunk), groups whose query rows are not a multiple of the 6-row register tile, and head
+    dims that use the 64-column, 16-column and scalar tails of the P V tile."""
+    args = cascade_case([13, 70, 1], [600, 257, 256], [j % 9 for j in range(84)], 4, 2, d, 16,
+                        dtype, seed=d)
+    check(cascade_decode_cpp(*args, d ** -0.5), cascade_decode_ref(*args, d ** -0.5),
+          ATOL[dtype])
+
+
 def test_cascade_rows_with_nothing_give_zero():
     args = cascade_case([2], [0], [0, 0], 4, 2, 64, 4, torch.float32, seed=3)
     assert (cascade_decode_cpp(*args, 0.1) == 0).all()
