@@ -35,7 +35,8 @@ class DemoConfig:
     sft_steps: int = _f(500, "supervised warm-start steps")
     sft_batch_size: int = _f(64, "warm-start batch size")
     sft_lr: float = _f(3e-3, "warm-start peak learning rate")
-    sft_label_smoothing: float = _f(0.0, "warm-start label smoothing")
+    sft_label_smoothing: float = _f(0.1, "warm-start label smoothing: keeps the policy's "
+                                     "sampling spread out (exploration) for RL to sharpen")
     seed: int = _f(1234, "seed of the warm start and of its examples")
     cache_dir: str = _f("~/.cache/brorl/demo", "where built demo checkpoints are kept")
 
