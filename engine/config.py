@@ -173,6 +173,8 @@ class EngineConfig:
     max_batch_size: int | None = None
     max_prefill_tokens: int = 8192
     attention_backend: str = "auto"
+    # dense layers: "auto" (onednn on CPU for float32/bfloat16, else torch), "torch", "onednn"
+    linear_backend: str = "auto"
     cascade_decode: bool = True
     # Fraction of each running sample's remaining max_tokens whose pages are reserved at
     # admission. 1.0 never preempts; lower values admit more samples when most stop early

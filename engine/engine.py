@@ -39,7 +39,8 @@ class Engine:
         self.model_config = ModelConfig.from_dir(model)
         self.device = torch.device(device)
         tdtype = getattr(torch, dtype)
-        self.model = DecoderLM(self.model_config, self.device, tdtype)
+        self.model = DecoderLM(self.model_config, self.device, tdtype,
+                               self.config.linear_backend)
         self.model.load_checkpoint(model)
         self.tokenizer = load_tokenizer(model)
         num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
@@ -100,6 +101,7 @@ class Engine:
                 "cached_pages": self.cache.radix.num_cached_pages,
                 "page_size": self.config.page_size,
                 "attention_backend": self.backend.name,
+                "linear_backend": self.model.linear.name,
                 "cache_impl": self.cache.impl,
                 "cascade_decode": self.config.cascade_decode}
 

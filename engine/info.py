@@ -56,6 +56,7 @@ def collect(device: str | None = None, dtype: str = "float32") -> dict:
     from engine.attention import default_backend
     from engine.cache_ext import cache_impl
     from engine.config import DTYPES
+    from kernels.linear import default_linear_backend
     from kernels.sampling import _auto_impl
 
     cuda = torch.cuda.is_available()
@@ -80,6 +81,8 @@ def collect(device: str | None = None, dtype: str = "float32") -> dict:
         "allocator": impl,  # one factory makes both (engine.cache_ext.make_cache)
         "attention_backend": _choice(default_backend, torch.device(device),
                                      getattr(torch, dtype)),
+        "linear_backend": _choice(default_linear_backend, torch.device(device),
+                                  getattr(torch, dtype)),
         "sampler": _choice(_auto_impl, torch.device(device)),
     }
 

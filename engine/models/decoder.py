@@ -21,6 +21,7 @@ from engine.models.weights import (
     iter_checkpoint,
     validate_named_tensors,
 )
+from kernels.linear import make_linear
 from kernels.norm import rms_norm_ref
 from kernels.rope import apply_rope_ref, rope_cos_sin_table
 
@@ -57,10 +58,12 @@ class Attention(Protocol):
 class DecoderLM:
     """Holds the fused weights and runs the forward pass for flattened token batches."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 linear_backend: str = "auto") -> None:
         self.cfg = cfg
         self.device = device
         self.dtype = dtype
+        self.linear = make_linear(linear_backend, device, dtype)
         self.slots: dict[str, ParamSlot] = hf_param_slots(cfg)
         self.params: dict[str, torch.Tensor] = {
             name: torch.empty(shape, device=device, dtype=dtype)
@@ -72,6 +75,9 @@ class DecoderLM:
         cos, sin = rope_cos_sin_table(inv_freq, cfg.max_position_embeddings, scaling)
         self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
         self.scale = cfg.head_dim ** -0.5
+        # matrices in the linear backend's form (oneDNN layout on CPU), kept in step with
+        # self.params by _apply
+        self.packed: dict[str, torch.Tensor] = {}
 
     # -- weights ---------------------------------------------------------------------
     def load_checkpoint(self, path: str) -> None:
@@ -90,6 +96,15 @@ class DecoderLM:
     def _apply(self, checked: list[tuple[ParamSlot, torch.Tensor]]) -> None:
         for slot, t in checked:
             self.params[slot.name][slot.start:slot.start + slot.rows].copy_(t)
+        changed = {slot.name for slot, _ in checked}
+        if "embed" in changed and self.cfg.tie_word_embeddings:
+            changed.add("lm_head")
+        for name in sorted(changed):
+            if name == "lm_head" or name.endswith("_w"):  # the matrices forward multiplies by
+                self.packed[name] = self.linear.pack(self.params[name])
+
+    def _lin(self, x: torch.Tensor, name: str, bias: str | None = None) -> torch.Tensor:
+        return self.linear(x, self.packed[name], self.params.get(bias) if bias else None)
 
     # -- forward ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -102,7 +117,7 @@ class DecoderLM:
         for i in range(cfg.num_layers):
             f = f"layers.{i}."
             h = rms_norm(x, p[f + "in_norm"], cfg.rms_norm_eps)
-            qkv = F.linear(h, p[f + "qkv_w"], p.get(f + "qkv_b"))
+            qkv = self._lin(h, f + "qkv_w", f + "qkv_b")
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(T, cfg.num_heads, cfg.head_dim)
             k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -112,13 +127,13 @@ class DecoderLM:
                 k = rms_norm(k, p[f + "k_norm"], cfg.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o = attention(i, q, k, v).reshape(T, cfg.q_size)
-            x = x + F.linear(o, p[f + "o_w"], p.get(f + "o_b"))
+            x = x + self._lin(o, f + "o_w", f + "o_b")
             h = rms_norm(x, p[f + "post_norm"], cfg.rms_norm_eps)
-            gate, up = F.linear(h, p[f + "gate_up_w"], p.get(f + "gate_up_b")).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, p[f + "down_w"], p.get(f + "down_b"))
+            gate, up = self._lin(h, f + "gate_up_w", f + "gate_up_b").chunk(2, dim=-1)
+            x = x + self._lin(F.silu(gate) * up, f + "down_w", f + "down_b")
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head for the selected rows -> float32 [R, vocab]."""
         h = rms_norm(hidden, self.params["norm"], self.cfg.rms_norm_eps)
-        return F.linear(h, self.params["lm_head"]).float()
+        return self._lin(h, "lm_head").float()

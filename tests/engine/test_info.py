@@ -15,7 +15,7 @@ from trainer.cli import main as cli_main
 
 KEYS = {"python", "torch", "triton", "transformers", "numba", "cupy", "torch_cuda",
         "cuda_available", "gpu", "extensions", "device", "dtype", "radix_cache", "allocator",
-        "attention_backend", "sampler"}
+        "attention_backend", "linear_backend", "sampler"}
 IMPLS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
     not extension_built(), reason="engine._cache_ext is not built"))]
 
@@ -44,6 +44,7 @@ def test_info_names_what_an_engine_runs(qwen2, capsys, monkeypatch, impl, dtype)
     stats = engine.stats()
     assert stats["cache_impl"] == info["radix_cache"]
     assert stats["attention_backend"] == info["attention_backend"]
+    assert stats["linear_backend"] == info["linear_backend"]
     assert chosen and set(chosen) == {info["sampler"]}
 
 

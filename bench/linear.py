@@ -1,0 +1,112 @@
+"""Dense layers of one decode step: torch's F.linear (MKL) against oneDNN on prepacked
+weights (kernels/linear.py), on the throughput bench model's shapes.
+
+One "step" is every GEMM the engine runs in a decode step at batch `--batch`: per layer
+qkv, o, gate_up and down, then the LM head. The two implementations alternate step by
+step (`--repeats` pairs), so a noisy neighbour slows both alike; the table reports each
+one's median step time, GFLOP/s (2 * batch * sum of weight sizes / time) and the ratio.
+
+    python bench/linear.py                   # float32 and bfloat16, writes bench/results/
+    python bench/linear.py --quick           # fewer repeats, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.throughput import MODEL, versions  # noqa: E402
+from kernels.linear import OneDNNLinear, TorchLinear, onednn_available  # noqa: E402
+
+
+def step_weights(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """The [out, in] matrices of one decode step of the bench model (engine layout: fused
+    qkv and gate_up, tied LM head)."""
+    m, g = MODEL, torch.Generator().manual_seed(seed)
+    h, i, d = m["hidden_size"], m["intermediate_size"], m["hidden_size"] // m["num_attention_heads"]
+    qkv = (m["num_attention_heads"] + 2 * m["num_key_value_heads"]) * d
+    shapes = [(qkv, h), (h, h), (2 * i, h), (h, i)] * m["num_hidden_layers"]
+    shapes.append((m["vocab_size"], h))
+    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+
+
+def measure(dtype: torch.dtype, batch: int, repeats: int, seed: int) -> dict:
+    weights = step_weights(dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = {k: torch.randn(batch, k, generator=g).to(dtype)
+              for k in {w.shape[1] for w in weights}}
+    impls = {"torch": TorchLinear(), "onednn": OneDNNLinear()}
+    packed = {name: [impl.pack(w) for w in weights] for name, impl in impls.items()}
+
+    def step(name: str) -> float:
+        impl, start = impls[name], time.perf_counter()
+        for w, p in zip(weights, packed[name]):
+            impl(inputs[w.shape[1]], p)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    with torch.inference_mode():
+        for name in impls:  # warm-up
+            step(name), step(name)
+        for _ in range(repeats):
+            for name in impls:
+                times[name].append(step(name))
+    flops = 2 * batch * sum(w.numel() for w in weights)
+    out = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "flops_per_step": flops}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+                     "gflops": flops / med / 1e9}
+    out["onednn_over_torch"] = out["torch"]["median_ms"] / out["onednn"]["median_ms"]
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="5 repeats, writes nothing")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not onednn_available():
+        sys.exit("this torch build has no working oneDNN: nothing to compare")
+    repeats = 5 if args.quick else args.repeats
+    rows = [measure(dt, args.batch, repeats, args.seed) for dt in (torch.float32,
+                                                                    torch.bfloat16)]
+    print(f"one decode step's GEMMs of the bench model at batch {args.batch}, "
+          f"{torch.get_num_threads()} threads, median of {repeats} alternating runs")
+    print(f"{'dtype':10s}{'torch ms':>10s}{'GFLOP/s':>9s}{'onednn ms':>11s}{'GFLOP/s':>9s}"
+          f"{'ratio':>8s}")
+    for r in rows:
+        print(f"{r['dtype']:10s}{r['torch']['median_ms']:10.2f}{r['torch']['gflops']:9.0f}"
+              f"{r['onednn']['median_ms']:11.2f}{r['onednn']['gflops']:9.0f}"
+              f"{r['onednn_over_torch']:7.2f}x")
+    out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "linear-cpu.json"))
+    if out:
+        result = dict(benchmark="linear", device="cpu", cpu=platform.processor() or
+                      platform.machine(), cpu_count=os.cpu_count(),
+                      torch_threads=torch.get_num_threads(), versions=versions(),
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                          timespec="seconds"),
+                      config=dict(model=MODEL, batch=args.batch, repeats=repeats,
+                                  seed=args.seed), rows=rows)
+        Path(out).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
