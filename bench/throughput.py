@@ -119,6 +119,30 @@ def device_name() -> str:
     return "cpu"
 
 
+def workload_flops(num_prompts: int, n: int, prompt_len: int, new_tokens: int,
+                   model: dict = MODEL) -> dict:
+    """Matmul FLOPs of one row's work (2 per multiply-add): prefill of each prompt once
+    (causal attention; the LM head at its last position), then new_tokens - 1 decode steps
+    per sample (the first token comes from the prefill's logits), each a forward of every
+    weight plus attention over its context. Elementwise work is left out. On a device that
+    is compute-bound at every N, rate(N=hi) / rate(N=lo) can reach at most
+    flops(lo) / flops(hi) (the same number of samples), whatever the attention kernel."""
+    m = model
+    h, i, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
+    q = h  # query width: heads x head dim
+    kv = m["num_key_value_heads"] * (h // m["num_attention_heads"])
+    layer_params = h * (q + 2 * kv) + q * h + 3 * h * i
+    head = m["vocab_size"] * h
+    prefill = num_prompts * (2 * layers * layer_params * prompt_len + 2 * head
+                             + layers * 4 * q * prompt_len * (prompt_len + 1) // 2)
+    steps = new_tokens - 1
+    # decode step j (1..steps) attends to prompt_len + j keys
+    ctx = steps * prompt_len + steps * (steps + 1) // 2
+    decode = num_prompts * n * (2 * (layers * layer_params + head) * steps
+                                + layers * 4 * q * ctx)
+    return {"prefill": prefill, "decode": decode, "total": prefill + decode}
+
+
 def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("transformers", "triton", "numba"):
@@ -200,6 +224,13 @@ def main(argv=None) -> dict:
                               seed=args.seed,
                               dtype="float32", temperature=1.0),
                   rows=rows, ratios=ratios(rows, args.ns))
+    flops = {n: workload_flops(args.total // n, n, args.prompt_len, args.new_tokens)
+             for n in args.ns}
+    result["flops"] = {str(n): f for n, f in flops.items()}
+    lo, hi = min(args.ns), max(args.ns)
+    if lo != hi:  # the compute-bound ceiling of the N ratio (see workload_flops)
+        result["ratios"][f"flop_ceiling_n{hi}_over_n{lo}"] = (flops[lo]["total"]
+                                                             / flops[hi]["total"])
     print_table(rows, result["ratios"])
     out = args.out or (None if args.quick else
                        str(ROOT / "bench" / "results" / f"throughput-{device_name()}.json"))
