@@ -319,3 +319,29 @@ def lr_scale(samples_per_step: float, reference_samples: float) -> float:
             f"{samples_per_step} and {reference_samples}"
         )
     return math.sqrt(samples_per_step / reference_samples)
+
+
+def max_variance_subset(rewards: Tensor, k: int, generator: torch.Generator | None = None
+                        ) -> Tensor:
+    """Indices [k] of the k of a group's rewards [N] with the largest variance: the i
+    lowest and k - i highest rewards for the best i (max-variance down-sampling, as in
+    PODS, Xu et al. 2025: the optimum always has this form). Ties are broken at random
+    (generator), so equal rewards are drawn uniformly. k >= N returns every index."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [N], got shape {tuple(rewards.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = rewards.shape[0]
+    if k >= n:
+        return torch.arange(n)
+    perm = torch.randperm(n, generator=generator)
+    order = perm[torch.sort(rewards[perm].double(), stable=True).indices]
+    r = rewards[order].double()
+    csum = torch.cat([r.new_zeros(1), r.cumsum(0)])
+    csq = torch.cat([r.new_zeros(1), (r * r).cumsum(0)])
+    i = torch.arange(k + 1)  # i lowest + (k - i) highest
+    s = csum[i] + (csum[n] - csum[n - (k - i)])
+    sq = csq[i] + (csq[n] - csq[n - (k - i)])
+    var = sq / k - (s / k) ** 2
+    best = int(torch.argmax(var))
+    return torch.cat([order[:best], order[n - (k - best):]])

@@ -126,6 +126,9 @@ class AlgorithmConfig:
     eps_high: float = _f(0.28, "PPO clip above 1 (clip-higher)")
     dual_clip: float | None = _f(None, "dual-clip constant c > 1 for negative advantages")
     num_mini_batches: int = _f(1, "optimizer steps per rollout batch")
+    train_samples_per_group: int = _f(0, "0: the loss uses all N samples of a group; k: "
+                                      "advantages over all N, the loss over the k with the "
+                                      "largest reward variance (max-variance down-sampling)")
     old_logprobs: str = _f("behaviour", '"behaviour": the engine\'s logprobs are the old '
                            'policy; "recompute": a trainer forward before the update')
     kl_coef: float = _f(0.0, "KL(policy || reference) loss coefficient")
@@ -143,6 +146,8 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_mini_batches")
+        if self.train_samples_per_group < 0:
+            raise ValueError("algorithm.train_samples_per_group must be >= 0 (0: all)")
         _choice(self, "old_logprobs", ("behaviour", "recompute"))
         _choice(self, "tis", ("truncate", "mask", "none"))
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))

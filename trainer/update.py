@@ -13,6 +13,7 @@ from trainer.algorithms import (
     aggregate_loss,
     compute_advantages,
     kl_penalty,
+    max_variance_subset,
     ppo_clip_loss,
     tis_weights,
 )
@@ -36,12 +37,21 @@ class Sample:
         return len(self.ids) - self.start
 
 
-def build_samples(groups: list[Group], cfg: TrainConfig) -> tuple[list[Sample], dict]:
+def build_samples(groups: list[Group], cfg: TrainConfig,
+                  generator: torch.Generator | None = None) -> tuple[list[Sample], dict]:
+    """Training samples of the kept groups. Advantages are computed over all N samples of
+    each group; with algorithm.train_samples_per_group = k only the k samples of each group
+    with the largest reward variance enter the loss."""
     rewards = torch.stack([g.rewards for g in groups])  # [G, N]
     adv = compute_advantages(cfg.algorithm.advantage, rewards)
-    samples = [Sample(g.prompt_ids + resp, len(g.prompt_ids), float(a), lp)
-               for g, row in zip(groups, adv) for resp, lp, a in
-               zip(g.response_ids, g.behaviour_logprobs, row.tolist()) if resp]
+    k = cfg.algorithm.train_samples_per_group
+    samples = []
+    for g, row in zip(groups, adv):
+        keep = (max_variance_subset(g.rewards, k, generator).tolist() if k
+                else range(g.n))
+        samples += [Sample(g.prompt_ids + g.response_ids[j], len(g.prompt_ids),
+                           float(row[j]), g.behaviour_logprobs[j])
+                    for j in sorted(keep) if g.response_ids[j]]
     return samples, {"advantage/abs_mean": float(adv.abs().mean()),
                      "advantage/max": float(adv.max()), "advantage/min": float(adv.min())}
 
@@ -51,7 +61,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainCo
                   ) -> dict:
     """Runs algorithm.num_mini_batches optimizer steps over the kept groups' samples.
     Returns averaged loss statistics."""
-    samples, metrics = build_samples(groups, cfg)
+    samples, metrics = build_samples(groups, cfg, generator)
     if cfg.algorithm.old_logprobs == "recompute":
         recompute_old_logprobs(model, samples, cfg, pad_id)
     order = torch.randperm(len(samples), generator=generator).tolist()

@@ -13,6 +13,7 @@ from trainer.algorithms import (
     group_keep_mask,
     kl_penalty,
     lr_scale,
+    max_variance_subset,
     ppo_clip_loss,
     predicted_keep_rate,
     register_estimator,
@@ -333,3 +334,36 @@ def test_lr_scale_is_square_root_of_sample_ratio():
     assert lr_scale(4, 4) == 1.0
     with pytest.raises(ValueError):
         lr_scale(0, 16)
+
+
+# ---- max-variance down-sampling ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_max_variance_subset_matches_brute_force(seed):
+    import itertools
+
+    g = torch.Generator().manual_seed(seed)
+    n = 7
+    rewards = torch.randint(0, 4, (n,), generator=g).double() / 3  # ties and several levels
+    for k in range(1, n):
+        got = max_variance_subset(rewards, k, g)
+        assert len(set(got.tolist())) == k
+        best = max(rewards[list(c)].var(unbiased=False).item()
+                   for c in itertools.combinations(range(n), k))
+        assert rewards[got].var(unbiased=False).item() == pytest.approx(best, abs=1e-12)
+
+
+def test_max_variance_subset_balances_binary_rewards_and_draws_ties_at_random():
+    rewards = torch.tensor([0.0] * 90 + [1.0] * 10)
+    picks = [max_variance_subset(rewards, 8, torch.Generator().manual_seed(s)) for s in range(50)]
+    assert all(int(rewards[p].sum()) == 4 for p in picks)  # 4 correct, 4 wrong
+    wrong_seen = {i for p in picks for i in p.tolist() if i < 90}
+    assert len(wrong_seen) > 40  # not always the same wrong samples
+    only_two = torch.tensor([0.0] * 20 + [1.0] * 2)
+    assert int(only_two[max_variance_subset(only_two, 8)].sum()) == 2  # every correct one
+    assert max_variance_subset(rewards, 100).tolist() == list(range(100))
+    with pytest.raises(ValueError, match="k must be"):
+        max_variance_subset(rewards, 0)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        max_variance_subset(rewards[None], 2)
