@@ -5,6 +5,8 @@ One "step" is every GEMM the engine runs in a decode step at batch `--batch`: pe
 qkv, o, gate_up and down, then the LM head. The two implementations alternate step by
 step (`--repeats` pairs), so a noisy neighbour slows both alike; the table reports each
 one's median step time, GFLOP/s (2 * batch * sum of weight sizes / time) and the ratio.
+Then the whole engine on the throughput workload at N=128 (512 samples, prompt 256, 64
+new tokens) with `linear_backend="torch"` and `"onednn"`, alternating run by run.
 
     python bench/linear.py                   # float32 and bfloat16, writes bench/results/
     python bench/linear.py --quick           # fewer repeats, writes nothing
@@ -73,6 +75,35 @@ def measure(dtype: torch.dtype, batch: int, repeats: int, seed: int) -> dict:
     return out
 
 
+def engine_ab(repeats: int, seed: int, n: int = 128) -> dict:
+    """samples/s of the engine with each linear backend, runs alternating (median)."""
+    import tempfile
+
+    from bench.throughput import make_model, make_prompts
+    from engine import Engine, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_model(tmp, seed)
+        prompts = make_prompts(512 // n, 256, seed + n)
+        engines = {b: Engine(tmp, linear_backend=b) for b in ("torch", "onednn")}
+        params = SamplingParams(n=n, temperature=1.0, max_tokens=64, ignore_eos=True,
+                                seed=seed)
+        for e in engines.values():  # warm-up
+            e.generate(prompts[:1], SamplingParams(n=2, max_tokens=2, seed=seed))
+        times: dict[str, list[float]] = {b: [] for b in engines}
+        for _ in range(repeats):
+            for b, e in engines.items():
+                e.cache.flush()
+                start = time.perf_counter()
+                e.generate(prompts, params)
+                times[b].append(time.perf_counter() - start)
+    out = {"n": n, "samples": 512, **{f"{b}_samples_per_s": 512 / statistics.median(t)
+                                       for b, t in times.items()},
+           "all_seconds": times}
+    out["onednn_over_torch"] = out["onednn_samples_per_s"] / out["torch_samples_per_s"]
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)
@@ -94,6 +125,9 @@ def main(argv=None) -> list[dict]:
         print(f"{r['dtype']:10s}{r['torch']['median_ms']:10.2f}{r['torch']['gflops']:9.0f}"
               f"{r['onednn']['median_ms']:11.2f}{r['onednn']['gflops']:9.0f}"
               f"{r['onednn_over_torch']:7.2f}x")
+    engine = engine_ab(1 if args.quick else 4, args.seed)
+    print(f"engine at N=128: torch {engine['torch_samples_per_s']:.1f} samples/s, onednn "
+          f"{engine['onednn_samples_per_s']:.1f} ({engine['onednn_over_torch']:.2f}x)")
     out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "linear-cpu.json"))
     if out:
         result = dict(benchmark="linear", device="cpu", cpu=platform.processor() or
@@ -102,7 +136,7 @@ def main(argv=None) -> list[dict]:
                       date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                           timespec="seconds"),
                       config=dict(model=MODEL, batch=args.batch, repeats=repeats,
-                                  seed=args.seed), rows=rows)
+                                  seed=args.seed), rows=rows, engine=engine)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
     return rows
