@@ -29,19 +29,24 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import MODEL, versions  # noqa: E402
+from bench.throughput import (  # noqa: E402
+    MODEL,
+    engine_model_config,
+    make_model,
+    make_prompts,
+    run_engine,
+    versions,
+)
+from engine.models.weights import matrix_shapes  # noqa: E402
 from kernels.linear import OneDNNLinear, TorchLinear, onednn_available  # noqa: E402
 
 
 def step_weights(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    """The [out, in] matrices of one decode step of the bench model (engine layout: fused
-    qkv and gate_up, tied LM head)."""
-    m, g = MODEL, torch.Generator().manual_seed(seed)
-    h, i, d = m["hidden_size"], m["intermediate_size"], m["hidden_size"] // m["num_attention_heads"]
-    qkv = (m["num_attention_heads"] + 2 * m["num_key_value_heads"]) * d
-    shapes = [(qkv, h), (h, h), (2 * i, h), (h, i)] * m["num_hidden_layers"]
-    shapes.append((m["vocab_size"], h))
-    return [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    """Random [out, in] matrices of the shapes one decode step of the bench model multiplies
+    by, in the engine's layout (engine.models.weights.matrix_shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype)
+            for s in matrix_shapes(engine_model_config()).values()]
 
 
 def measure(dtype: torch.dtype, batch: int, repeats: int, seed: int) -> dict:
@@ -76,27 +81,18 @@ def measure(dtype: torch.dtype, batch: int, repeats: int, seed: int) -> dict:
 
 
 def engine_ab(repeats: int, seed: int, n: int = 128) -> dict:
-    """samples/s of the engine with each linear backend, runs alternating (median)."""
+    """samples/s of the engine with each linear backend on the throughput workload at N=n
+    (bench/throughput.run_engine), runs alternating; each backend's median."""
     import tempfile
-
-    from bench.throughput import make_model, make_prompts
-    from engine import Engine, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         make_model(tmp, seed)
         prompts = make_prompts(512 // n, 256, seed + n)
-        engines = {b: Engine(tmp, linear_backend=b) for b in ("torch", "onednn")}
-        params = SamplingParams(n=n, temperature=1.0, max_tokens=64, ignore_eos=True,
-                                seed=seed)
-        for e in engines.values():  # warm-up
-            e.generate(prompts[:1], SamplingParams(n=2, max_tokens=2, seed=seed))
-        times: dict[str, list[float]] = {b: [] for b in engines}
+        times: dict[str, list[float]] = {"torch": [], "onednn": []}
         for _ in range(repeats):
-            for b, e in engines.items():
-                e.cache.flush()
-                start = time.perf_counter()
-                e.generate(prompts, params)
-                times[b].append(time.perf_counter() - start)
+            for b in times:
+                times[b].append(run_engine(tmp, prompts, n, 64, True, seed,
+                                           linear_backend=b)["seconds"])
     out = {"n": n, "samples": 512, **{f"{b}_samples_per_s": 512 / statistics.median(t)
                                        for b, t in times.items()},
            "all_seconds": times}
@@ -125,7 +121,7 @@ def main(argv=None) -> list[dict]:
         print(f"{r['dtype']:10s}{r['torch']['median_ms']:10.2f}{r['torch']['gflops']:9.0f}"
               f"{r['onednn']['median_ms']:11.2f}{r['onednn']['gflops']:9.0f}"
               f"{r['onednn_over_torch']:7.2f}x")
-    engine = engine_ab(1 if args.quick else 4, args.seed)
+    engine = engine_ab(1 if args.quick else 8, args.seed)
     print(f"engine at N=128: torch {engine['torch_samples_per_s']:.1f} samples/s, onednn "
           f"{engine['onednn_samples_per_s']:.1f} ({engine['onednn_over_torch']:.2f}x)")
     out = args.out or (None if args.quick else str(ROOT / "bench" / "results" / "linear-cpu.json"))

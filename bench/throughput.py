@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.models.weights import matrix_shapes  # noqa: E402
+
 MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
              tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
@@ -68,10 +70,12 @@ BACKENDS = {"torch": ("torch", "float32"), "numba": ("numba", "float32"),
 
 
 def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed: int,
-               backend: str = "auto", dtype: str = "float32") -> dict:
+               backend: str = "auto", dtype: str = "float32", **options) -> dict:
+    """One timed generate on a fresh Engine (options: further Engine keyword arguments)."""
     from engine import Engine, SamplingParams
 
-    engine = Engine(path, cascade_decode=cascade, attention_backend=backend, dtype=dtype)
+    engine = Engine(path, cascade_decode=cascade, attention_backend=backend, dtype=dtype,
+                    **options)
     params = SamplingParams(n=n, temperature=1.0, max_tokens=new_tokens, ignore_eos=True,
                             seed=seed)
     engine.generate(prompts[:1], SamplingParams(n=2, max_tokens=2, seed=seed))  # warm-up
@@ -84,6 +88,7 @@ def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed:
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     delta = {k: after[k] - before[k] for k in ("prefill_tokens", "cached_prompt_tokens",
                                                "decode_steps", "preemptions",
+                                               "prefill_seconds",
                                                "decode_step_seconds", "decode_host_seconds")}
     # host share of a decode step: scheduling, radix cache, allocator, page tables and
     # bookkeeping, i.e. everything outside the model forward and the sampling kernel
@@ -119,6 +124,13 @@ def device_name() -> str:
     return "cpu"
 
 
+def engine_model_config(model: dict = MODEL):
+    """The bench model as the engine sees it (engine.config.ModelConfig)."""
+    from engine.config import ModelConfig
+
+    return ModelConfig.from_hf({"model_type": "qwen2", **model})
+
+
 def workload_flops(num_prompts: int, n: int, prompt_len: int, new_tokens: int,
                    model: dict = MODEL) -> dict:
     """Matmul FLOPs of one row's work (2 per multiply-add): prefill of each prompt once
@@ -127,12 +139,11 @@ def workload_flops(num_prompts: int, n: int, prompt_len: int, new_tokens: int,
     weight plus attention over its context. Elementwise work is left out. On a device that
     is compute-bound at every N, rate(N=hi) / rate(N=lo) can reach at most
     flops(lo) / flops(hi) (the same number of samples), whatever the attention kernel."""
-    m = model
-    h, i, layers = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"]
-    q = h  # query width: heads x head dim
-    kv = m["num_key_value_heads"] * (h // m["num_attention_heads"])
-    layer_params = h * (q + 2 * kv) + q * h + 3 * h * i
-    head = m["vocab_size"] * h
+    cfg = engine_model_config(model)
+    layers, q = cfg.num_layers, cfg.q_size
+    shapes = matrix_shapes(cfg)
+    layer_params = sum(o * i for name, (o, i) in shapes.items() if name.startswith("layers.0."))
+    head = shapes["lm_head"][0] * shapes["lm_head"][1]
     prefill = num_prompts * (2 * layers * layer_params * prompt_len + 2 * head
                              + layers * 4 * q * prompt_len * (prompt_len + 1) // 2)
     steps = new_tokens - 1

@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-LINEAR_BACKENDS = ("torch", "onednn")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor,
@@ -69,10 +69,16 @@ def _check_weight(weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"onednn linear: weight must be 2-D [out, in], got shape "
                          f"{tuple(weight.shape)}")
-    if weight.device.type != "cpu":
-        raise ValueError(f"onednn linear runs on the CPU; weight is on {weight.device}")
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"onednn linear supports float32 and bfloat16, got {weight.dtype}")
+    if not _onednn_supports(weight.device, weight.dtype):
+        raise ValueError(f"onednn linear runs float32 and bfloat16 on the CPU, got "
+                         f"{weight.dtype} on {weight.device}")
+
+
+def _onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in _ONEDNN_DTYPES
+
+
+LINEAR_BACKENDS = {"torch": TorchLinear, "onednn": OneDNNLinear}
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,24 +96,20 @@ def onednn_available() -> bool:
 
 def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
     """What "auto" picks: onednn on the CPU for float32/bfloat16 when it works, else torch."""
-    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
-        return "onednn"
-    return "torch"
+    return "onednn" if _onednn_supports(device, dtype) and onednn_available() else "torch"
 
 
 def make_linear(name: str, device: torch.device, dtype: torch.dtype):
     """The linear implementation called `name` ("auto" resolves by device and dtype)."""
     if name == "auto":
         name = default_linear_backend(device, dtype)
-    if name == "torch":
-        return TorchLinear()
-    if name == "onednn":
-        if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"linear_backend 'onednn' needs a CPU device and float32 or "
-                             f"bfloat16, got {device} / {dtype}")
-        if not onednn_available():
-            raise ValueError("linear_backend 'onednn': this torch build has no working "
-                             "oneDNN; use 'torch'")
-        return OneDNNLinear()
-    raise ValueError(f"unknown linear_backend {name!r}; supported: auto, "
-                     f"{', '.join(LINEAR_BACKENDS)}")
+    if name not in LINEAR_BACKENDS:
+        raise ValueError(f"unknown linear_backend {name!r}; supported: auto, "
+                         f"{', '.join(LINEAR_BACKENDS)}")
+    if name == "onednn" and not _onednn_supports(device, dtype):
+        raise ValueError(f"linear_backend 'onednn' needs a CPU device and float32 or "
+                         f"bfloat16, got {device} / {dtype}")
+    if name == "onednn" and not onednn_available():
+        raise ValueError("linear_backend 'onednn': this torch build has no working oneDNN; "
+                         "use 'torch'")
+    return LINEAR_BACKENDS[name]()

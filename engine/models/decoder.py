@@ -19,6 +19,7 @@ from engine.models.weights import (
     fused_shapes,
     hf_param_slots,
     iter_checkpoint,
+    matrix_shapes,
     validate_named_tensors,
 )
 from kernels.linear import make_linear
@@ -78,6 +79,7 @@ class DecoderLM:
         # matrices in the linear backend's form (oneDNN layout on CPU), kept in step with
         # self.params by _apply
         self.packed: dict[str, torch.Tensor] = {}
+        self._matrices = set(matrix_shapes(cfg))
 
     # -- weights ---------------------------------------------------------------------
     def load_checkpoint(self, path: str) -> None:
@@ -99,9 +101,8 @@ class DecoderLM:
         changed = {slot.name for slot, _ in checked}
         if "embed" in changed and self.cfg.tie_word_embeddings:
             changed.add("lm_head")
-        for name in sorted(changed):
-            if name == "lm_head" or name.endswith("_w"):  # the matrices forward multiplies by
-                self.packed[name] = self.linear.pack(self.params[name])
+        for name in sorted(changed & self._matrices):
+            self.packed[name] = self.linear.pack(self.params[name])
 
     def _lin(self, x: torch.Tensor, name: str, bias: str | None = None) -> torch.Tensor:
         return self.linear(x, self.packed[name], self.params.get(bias) if bias else None)

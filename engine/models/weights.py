@@ -76,6 +76,14 @@ def fused_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The fused [out, in] matrices the forward multiplies by (per layer qkv_w, o_w,
+    gate_up_w, down_w, then lm_head, which is the embedding when tied)."""
+    shapes = {name: s for name, s in fused_shapes(cfg).items() if name.endswith("_w")}
+    shapes["lm_head"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
 def validate_named_tensors(slots: dict[str, ParamSlot],
                            named: Iterable[tuple[str, torch.Tensor]],
                            require_all: bool) -> list[tuple[ParamSlot, torch.Tensor]]:
