@@ -10,10 +10,13 @@ one cut to size). Rows, each the best of --repeats after one warm-up, GB/s = byt
 - inprocess:      `InProcessSender` into a sink engine that copies every tensor into its
                   own preallocated parameters (what `Engine.update_weights` costs)
 - gloo/raw:       ProcessGroupGloo broadcast of the same bytes in 512 MB pieces to a second
-                  process on loopback (the transport alone)
-- gloo/protocol:  `WeightSender.send` to a `WeightReceiver` in a second process: manifest,
-                  verdict, packing into buckets, broadcast, unpack, the final acknowledgement
-                  (the receiver's apply is a no-op here, so the row measures the transport)
+                  process on loopback (TCP, the transport alone)
+- gloo/protocol:  `WeightSender.send` to a `WeightReceiver` in a second process, as the Ray
+                  launcher runs it on one machine: manifest, verdict, packing the buckets
+                  into the shared-memory segment, per-bucket notices, the final
+                  acknowledgement (the receiver's apply is a no-op here, so the row
+                  measures the transport)
+- gloo-tcp/protocol: the same with shared_memory=False: buckets broadcast over TCP
 - nccl/...:       the same between two GPUs, only with >= 2 CUDA devices
 
 Writes bench/results/weight-sync-<device>.json (device, versions, date, rows).
@@ -87,7 +90,8 @@ def _raw(ch, buf: torch.Tensor) -> None:
         ch.broadcast(buf[i:i + RAW_PIECE], src=0)
 
 
-def _receiver(transport: str, port: int, sizes: list[int], repeats: int) -> None:
+def _receiver(transport: str, port: int, sizes: list[int], repeats: int,
+              shared_memory: bool) -> None:
     torch.set_num_threads(1)
     from trainer.weight_sync import make_receiver
 
@@ -95,18 +99,22 @@ def _receiver(transport: str, port: int, sizes: list[int], repeats: int) -> None
     for k, size in enumerate(sizes):
         shapes = param_shapes(size)
         rx = make_receiver(transport, _Sink(shapes, False, device), host="127.0.0.1",
-                           port=port + k, rank=1, world_size=2, timeout_s=600)
+                           port=port + k, rank=1, world_size=2, timeout_s=600,
+                           shared_memory=shared_memory)
         buf = torch.empty(sum(s[0] * s[1] for _, s in shapes) * 2, dtype=torch.uint8,
                           device=rx.channel.device)
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 1 if not shared_memory else 0):
             _raw(rx.channel, buf)
-        for _ in range(repeats + 1):
+        for _ in range(repeats + 2):  # the sender's check, its warm-up, the timed runs
             rx.receive()
         del buf
         rx.close()
 
 
-def run_transport(transport: str, sizes: list[int], repeats: int, bucket_mb: int) -> list:
+def run_transport(transport: str, sizes: list[int], repeats: int, bucket_mb: int,
+                  shared_memory: bool = True) -> list:
+    """Rows of one transport; gloo with shared_memory=False is the "gloo-tcp" rows and the
+    only one with a raw TCP row (shared memory has no raw broadcast of its own)."""
     from trainer.weight_sync import make_sender
     from trainer.weight_sync.channel import free_port
 
@@ -114,22 +122,30 @@ def run_transport(transport: str, sizes: list[int], repeats: int, bucket_mb: int
     while any(_busy(port + k) for k in range(len(sizes))):
         port = free_port()
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_receiver, args=(transport, port, sizes, repeats), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(transport, port, sizes, repeats,
+                                               shared_memory), daemon=True)
     proc.start()
     device = "cuda:0" if transport == "nccl" else "cpu"
+    name = transport if shared_memory or transport != "gloo" else "gloo-tcp"
     rows = []
     for k, size in enumerate(sizes):
         tx = make_sender(transport, host="127.0.0.1", port=port + k, world_size=2,
-                         timeout_s=600, bucket_bytes=bucket_mb << 20, device=device)
+                         timeout_s=600, bucket_bytes=bucket_mb << 20, device=device,
+                         shared_memory=shared_memory)
         named = [(n, torch.randn(s, device=device).to(torch.bfloat16))
                  for n, s in param_shapes(size)]
         num_bytes = sum(t.numel() * 2 for _, t in named)
-        buf = torch.ones(num_bytes, dtype=torch.uint8, device=device)
-        raw = _best(partial(_raw, tx.channel, buf), repeats)
+        if not shared_memory:
+            buf = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+            rows.append(_row("gloo/raw", num_bytes,
+                             _best(partial(_raw, tx.channel, buf), repeats)))
+            del buf
+        used = tx.send(named, version=1)["shared_memory"]
+        if shared_memory and transport == "gloo" and not used:
+            print(f"note: no shared memory at {size // 1_000_000} MB; the gloo row is TCP")
         proto = _best(partial(tx.send, named, version=1), repeats)
-        rows += [_row(f"{transport}/raw", num_bytes, raw),
-                 _row(f"{transport}/protocol", num_bytes, proto)]
-        del named, buf
+        rows.append(_row(f"{name}/protocol", num_bytes, proto))
+        del named
         tx.close()
     proc.join(60)
     return rows
@@ -187,8 +203,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [s * 1_000_000 for s in args.sizes]
-    rows = run_local(sizes, args.repeats) + run_transport("gloo", sizes, args.repeats,
-                                                           args.bucket_mb)
+    rows = run_local(sizes, args.repeats)
+    rows += run_transport("gloo", sizes, args.repeats, args.bucket_mb)
+    rows += run_transport("gloo", sizes, args.repeats, args.bucket_mb, shared_memory=False)
     gpus = torch.cuda.device_count()
     if gpus >= 2:
         rows += run_transport("nccl", sizes, args.repeats, args.bucket_mb)

@@ -98,6 +98,8 @@ class RolloutConfig:
                                     "inprocess | gloo | nccl")
     weight_sync_bucket_mb: int = _f(512, "weight-sync bucket size (MB)")
     weight_sync_timeout_s: float = _f(300.0, "a rollout worker silent this long fails the sync")
+    weight_sync_shared_memory: bool = _f(True, "gloo: stage buckets in /dev/shm when trainer "
+                                         "and workers share a machine (else TCP)")
     weight_sync_probe: bool = _f(False, "after each sync compare engine and trainer logits on "
                                  "a fixed prompt (weight_sync/probe_max_abs_diff)")
     weight_sync_probe_threshold: float | None = _f(None, "warn above this probe difference "

@@ -93,11 +93,12 @@ class RolloutWorker:
         self.receiver = None
 
     def join(self, transport: str, host: str, port: int, rank: int, world_size: int,
-             timeout_s: float) -> None:
+             timeout_s: float, shared_memory: bool = True) -> None:
         from trainer.weight_sync import make_receiver
 
         self.receiver = make_receiver(transport, self.engine, host=host, port=port,
-                                      rank=rank, world_size=world_size, timeout_s=timeout_s)
+                                      rank=rank, world_size=world_size, timeout_s=timeout_s,
+                                      shared_memory=shared_memory)
 
     def receive(self) -> int:
         return self.receiver.receive()
@@ -140,15 +141,18 @@ class RayEngines:
         host = ray.util.get_node_ip_address()
         port = free_port(host)
         world = rc.num_workers + 1
-        joins = [w.join.remote(transport, host, port, i + 1, world, r.weight_sync_timeout_s)
+        joins = [w.join.remote(transport, host, port, i + 1, world, r.weight_sync_timeout_s,
+                               r.weight_sync_shared_memory)
                  for i, w in enumerate(self.workers)]
         self.sender = make_sender(transport, host=host, port=port, world_size=world,
                                   timeout_s=r.weight_sync_timeout_s,
                                   bucket_bytes=r.weight_sync_bucket_mb << 20,
-                                  dtype=cfg.model.dtype, device="cuda" if on_gpu else None)
+                                  dtype=cfg.model.dtype, device="cuda" if on_gpu else None,
+                                  shared_memory=r.weight_sync_shared_memory)
         ray.get(joins)
         self.tokenizer = load_tokenizer(path)
         self._version = 0
+        self.last_sync: dict | None = None  # the sender's statistics of the latest sync
         log.info("ray: %d rollout worker(s), weights over %s", len(self.workers), transport)
 
     @property
@@ -181,7 +185,7 @@ class RayEngines:
         """Broadcasts the weights to every worker; returns when all applied them."""
         version = self._version + 1 if version is None else int(version)
         pending = [w.receive.remote() for w in self.workers]
-        self.sender.send(named_tensors, version)
+        self.last_sync = self.sender.send(named_tensors, version)
         self._ray.get(pending)
         self._version = version
 

@@ -153,6 +153,10 @@ def sync_weights(run: Run, step: int) -> dict:
         _checkpoint(run)
         raise
     out = {"weight_sync/seconds": time.perf_counter() - t0}
+    sent = getattr(run.engine, "last_sync", None)  # a sender's statistics (Ray launcher)
+    if isinstance(sent, dict):
+        out["weight_sync/bytes"] = sent["bytes"]
+        out["weight_sync/shared_memory"] = int(sent["shared_memory"])
     r = run.cfg.rollout
     if r.weight_sync_probe:
         out["weight_sync/probe_max_abs_diff"] = probe_check(

@@ -1,6 +1,7 @@
 """`brorl train --launcher ray` on CPU: Ray local with 2 CPUs, a trainer actor and two
-rollout workers, weights over gloo; the probe says every worker runs the trainer's weights.
-Also the prompt spreading of `RayEngines.generate` against fake workers."""
+rollout workers, weights over gloo (through /dev/shm on this one machine); the probe says
+every worker runs the trainer's weights. Also the prompt spreading of
+`RayEngines.generate` against fake workers."""
 
 import math
 import types
@@ -29,8 +30,12 @@ def test_ray_launch_two_steps_probe_matches(tiny_policy, tmp_path, monkeypatch):
     assert main(["train", "--launcher", "ray", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
     rows = [r for r in read_metrics(out) if "weight_sync/seconds" in r]
     assert [r["step"] for r in rows] == [1, 2]
+    from trainer.weight_sync import shm
+
+    on_shm = shm.fits(shm.DEFAULT_SHM_DIR, 1 << 20)  # one machine: buckets go through it
     for r in rows:
         assert r["weight_sync/probe_max_abs_diff"] < 1e-5
+        assert r["weight_sync/shared_memory"] == int(on_shm) and r["weight_sync/bytes"] > 0
         assert math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0  # weights moved
     assert (out / "checkpoints").is_dir()
 

@@ -1,7 +1,9 @@
 """Weight sync: the bucket packing against the plain tensors, and two real processes over
-gloo (spawned, free ports): a synced engine generates what transformers generates with the
-trainer's new weights; a bad manifest is refused with the engine unchanged; a receiver
-killed mid-sync gives the sender a clear error within the timeout."""
+gloo (spawned, free ports), each through shared memory and through TCP: a synced engine
+generates what transformers generates with the trainer's new weights; a bad manifest is
+refused with the engine unchanged; a receiver killed mid-sync gives the sender a clear
+error within the timeout; a receiver that cannot map the sender's shared memory falls back
+to TCP; no shared-memory file outlives a sync."""
 
 import multiprocessing as mp
 import os
@@ -67,22 +69,28 @@ def test_check_manifest_names_the_bad_tensor(qwen2):
 
 
 # -- two processes ---------------------------------------------------------------------
-def _receiver(path, port, mode, queue):
-    """A rollout worker: one engine, receives syncs; reports what it saw on `queue`."""
+def _receiver(path, port, mode, queue, shm_dir):
+    """A rollout worker: one engine, receives syncs; reports what it saw on `queue`.
+    shm_dir None: no shared memory; else the directory it looks for the sender's in."""
     torch.set_num_threads(1)
     from engine import Engine, SamplingParams
 
     engine = Engine(path, page_size=4, max_kv_tokens=1024)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     rx = make_receiver("gloo", engine, host="127.0.0.1", port=port, rank=1, world_size=2,
-                       timeout_s=TIMEOUT_S)
+                       timeout_s=TIMEOUT_S, shared_memory=shm_dir is not None,
+                       shm_dir=shm_dir)
     report = {"before": engine.generate([PROMPT], greedy)[0].outputs[0].token_ids}
     if mode == "die":  # the manifest and one bucket arrive, then the process dies
         from trainer.weight_sync.sync import _agree, _recv_bytes
 
         manifest = Manifest.from_bytes(_recv_bytes(rx.channel))
         _agree(rx.channel, None, "manifest")
-        rx.channel.broadcast(torch.empty(manifest.buckets[0].num_bytes, dtype=torch.uint8), 0)
+        sizes = [b.num_bytes for b in manifest.buckets]
+        if rx.channel.shared_buffers(sizes) is not None:
+            rx.channel.notify(0)
+        else:
+            rx.channel.broadcast(torch.empty(sizes[0], dtype=torch.uint8), 0)
         os._exit(3)
     refusals = []
     for _ in range(2 if mode == "refuse" else 0):
@@ -94,6 +102,8 @@ def _receiver(path, port, mode, queue):
             (engine.generate([PROMPT], greedy)[0].outputs[0].token_ids,
              engine.stats()["policy_version"]))
     report["refusals"] = refusals
+    if mode == "grow":  # a first, smaller (bf16) sync before the float32 one
+        report["first_version"] = rx.receive()
     report["version"] = rx.receive()
     report["after"] = engine.generate([PROMPT], greedy)[0].outputs[0].token_ids
     report["logits"] = engine_logits(engine, PROMPT)
@@ -101,12 +111,24 @@ def _receiver(path, port, mode, queue):
     rx.close()
 
 
-def _start(path, mode):
+def _start(path, mode, shm_dir):
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
-    proc = ctx.Process(target=_receiver, args=(path, port, mode, queue), daemon=True)
+    proc = ctx.Process(target=_receiver, args=(path, port, mode, queue, shm_dir), daemon=True)
     proc.start()
     return proc, queue, port
+
+
+@pytest.fixture(params=["shm", "tcp"])
+def shm_dir(request, tmp_path):
+    """Where both ends stage buckets ("shm": a fresh directory), or None ("tcp")."""
+    return str(tmp_path) if request.param == "shm" else None
+
+
+def _sender(port, shm_dir, timeout_s=TIMEOUT_S, bucket_bytes=40_000):
+    return make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=timeout_s,
+                       bucket_bytes=bucket_bytes, shared_memory=shm_dir is not None,
+                       shm_dir=shm_dir)
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +137,17 @@ def trainer_model(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("new"), "qwen2", seed=1)
 
 
-def test_gloo_sync_makes_engine_generate_like_transformers(qwen2, trainer_model):
-    proc, queue, port = _start(qwen2[0], "ok")
-    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=TIMEOUT_S,
-                     bucket_bytes=40_000)  # several buckets
+def test_gloo_sync_makes_engine_generate_like_transformers(qwen2, trainer_model, shm_dir):
+    proc, queue, port = _start(qwen2[0], "ok", shm_dir)
+    tx = _sender(port, shm_dir)  # 40 kB buckets: several of them
     stats = tx.send(list(trainer_model.named_parameters()), version=5)
     report = queue.get(timeout=60)
     proc.join(30)
     tx.close()
     assert stats["buckets"] > 2
+    assert stats["shared_memory"] == (shm_dir is not None)
+    if shm_dir is not None:  # the segment's name was unlinked once the receiver mapped it
+        assert os.listdir(shm_dir) == []
     assert report["version"] == 5
     expected, _ = hf_greedy(trainer_model, PROMPT, MAX_NEW)
     old, _ = hf_greedy(qwen2[1], PROMPT, MAX_NEW)
@@ -132,10 +156,9 @@ def test_gloo_sync_makes_engine_generate_like_transformers(qwen2, trainer_model)
     assert probe_diff(report["logits"], trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
 
 
-def test_bad_manifest_is_refused_and_leaves_engine_unchanged(qwen2, trainer_model):
-    proc, queue, port = _start(qwen2[0], "refuse")
-    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=TIMEOUT_S,
-                     bucket_bytes=40_000)
+def test_bad_manifest_is_refused_and_leaves_engine_unchanged(qwen2, trainer_model, shm_dir):
+    proc, queue, port = _start(qwen2[0], "refuse", shm_dir)
+    tx = _sender(port, shm_dir)
     named = list(trainer_model.named_parameters())
     wrong_shape = [(n, p[:-1] if n.endswith("layers.1.mlp.up_proj.weight") else p)
                    for n, p in named]
@@ -155,11 +178,10 @@ def test_bad_manifest_is_refused_and_leaves_engine_unchanged(qwen2, trainer_mode
 
 
 def test_receiver_killed_mid_sync_is_a_clear_error_and_trainer_state_survives(
-        qwen2, trainer_model, tmp_path):
-    proc, _, port = _start(qwen2[0], "die")
+        qwen2, trainer_model, tmp_path, shm_dir):
+    proc, _, port = _start(qwen2[0], "die", shm_dir)
     timeout = 8.0
-    tx = make_sender("gloo", host="127.0.0.1", port=port, world_size=2, timeout_s=timeout,
-                     bucket_bytes=20_000)
+    tx = _sender(port, shm_dir, timeout_s=timeout, bucket_bytes=20_000)
     before = {k: v.clone() for k, v in trainer_model.state_dict().items()}
     start = time.monotonic()
     with pytest.raises(WeightSyncError, match="rollout worker rank.*1.*timeout 8 s") as err:
@@ -176,6 +198,70 @@ def test_receiver_killed_mid_sync_is_a_clear_error_and_trainer_state_survives(
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt"))
     for k, v in reloaded.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_receiver_that_cannot_map_shared_memory_falls_back_to_tcp(
+        qwen2, trainer_model, tmp_path, caplog):
+    """The receiver looks in another directory (as on another machine): the group agrees
+    to send over TCP and the sync is exact."""
+    (tmp_path / "sender").mkdir()
+    (tmp_path / "receiver").mkdir()
+    proc, queue, port = _start(qwen2[0], "ok", str(tmp_path / "receiver"))
+    tx = _sender(port, str(tmp_path / "sender"))
+    with caplog.at_level("WARNING", logger="brorl"):
+        stats = tx.send(list(trainer_model.named_parameters()), version=2)
+    report = queue.get(timeout=60)
+    proc.join(30)
+    assert not stats["shared_memory"]
+    assert not tx.channel.shared_memory or tx.channel._shm_off
+    tx.close()
+    assert "cannot map shared memory" in caplog.text
+    assert os.listdir(tmp_path / "sender") == []  # the unused segment did not outlive it
+    assert report["version"] == 2
+    assert report["after"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
+
+
+def test_shared_segment_grows_when_a_sync_needs_more_room(qwen2, trainer_model, tmp_path):
+    proc, queue, port = _start(qwen2[0], "grow", str(tmp_path))
+    tx = _sender(port, str(tmp_path))
+    named = list(trainer_model.named_parameters())
+    tx.dtype = "bfloat16"
+    first = tx.send(named, version=1)
+    generation = tx.channel._segment.generation
+    tx.dtype = None  # float32: twice the bytes, a new segment
+    second = tx.send(named, version=2)
+    report = queue.get(timeout=60)
+    proc.join(30)
+    assert first["shared_memory"] and second["shared_memory"]
+    assert second["bytes"] == 2 * first["bytes"]
+    assert tx.channel._segment.generation == generation + 1
+    tx.close()
+    assert os.listdir(tmp_path) == []
+    assert (report["first_version"], report["version"]) == (1, 2)
+    assert report["after"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
+    assert probe_diff(report["logits"], trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
+
+
+def test_shared_segment_views_are_aligned_and_disjoint(tmp_path):
+    from trainer.weight_sync import shm
+
+    sizes = [10, 0, 64, 130, 7]
+    offsets, total = shm.aligned_offsets(sizes)
+    assert offsets == [0, 64, 64, 128, 320] and total == 384
+    seg = shm.Segment.create(str(tmp_path), "t", 1, total)
+    other = shm.Segment.attach(str(tmp_path), "t", 1, total)  # a second mapping
+    seg.unlink()
+    assert os.listdir(tmp_path) == []
+    for i, v in enumerate(seg.views(sizes)):
+        v.fill_(i + 1)
+    got = other.views(sizes)  # what another process would see
+    for i, v in enumerate(got):
+        assert v.numel() == sizes[i] and bool((v == i + 1).all())
+        assert v.data_ptr() % shm.ALIGN == 0 or v.numel() == 0
+    with pytest.raises(ValueError, match="do not fit"):
+        seg.views([total + 1])
+    with pytest.raises(OSError):
+        shm.Segment.attach(str(tmp_path), "t", 2, total)
 
 
 # -- the probe check in the embedded loop ------------------------------------------------

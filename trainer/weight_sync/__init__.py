@@ -2,7 +2,8 @@
 packed tensors; see protocol.py), three transports chosen by name:
 
 - "inprocess": the engine lives in the trainer's process; `Engine.update_weights` directly.
-- "gloo": torch ProcessGroupGloo between CPU processes.
+- "gloo": torch ProcessGroupGloo between CPU processes; on one machine the buckets go
+  through shared memory (/dev/shm) and gloo carries only control messages.
 - "nccl": NCCL broadcast through cupy between GPU processes.
 
     sender = make_sender("gloo", host=..., port=..., world_size=1 + workers)
@@ -25,11 +26,13 @@ TRANSPORTS = ("inprocess", "gloo", "nccl")
 
 
 def _channel(transport: str, host: str, port: int, rank: int, world_size: int,
-             timeout_s: float, device):
+             timeout_s: float, device, shared_memory: bool, shm_dir: str | None):
     from trainer.weight_sync.channel import GlooChannel, NcclChannel
+    from trainer.weight_sync.shm import DEFAULT_SHM_DIR
 
     if transport == "gloo":
-        return GlooChannel(host, port, rank, world_size, timeout_s)
+        return GlooChannel(host, port, rank, world_size, timeout_s,
+                           shared_memory=shared_memory, shm_dir=shm_dir or DEFAULT_SHM_DIR)
     return NcclChannel(host, port, rank, world_size, timeout_s, device or "cuda")
 
 
@@ -42,27 +45,32 @@ def _check(transport: str) -> None:
 def make_sender(transport: str, engine=None, *, host: str = "127.0.0.1", port: int = 0,
                 world_size: int = 2, timeout_s: float = 300.0,
                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: str | None = None,
-                device=None):
+                device=None, shared_memory: bool = True, shm_dir: str | None = None):
     """The trainer's end: InProcessSender(engine) for "inprocess", else a WeightSender as
-    rank 0 of a new group at host:port (blocks until every receiver has joined)."""
+    rank 0 of a new group at host:port (blocks until every receiver has joined).
+    `shared_memory` / `shm_dir` (gloo): stage buckets in shared memory when every rank can
+    map it (default /dev/shm); False always sends the bytes over TCP."""
     _check(transport)
     if transport == "inprocess":
         if engine is None:
             raise ValueError('the "inprocess" transport needs the engine')
         return InProcessSender(engine)
-    ch = _channel(transport, host, port, 0, world_size, timeout_s, device)
+    ch = _channel(transport, host, port, 0, world_size, timeout_s, device, shared_memory,
+                  shm_dir)
     return WeightSender(ch, bucket_bytes, dtype)
 
 
 def make_receiver(transport: str, engine, *, host: str, port: int, rank: int,
-                  world_size: int, timeout_s: float = 300.0):
+                  world_size: int, timeout_s: float = 300.0, shared_memory: bool = True,
+                  shm_dir: str | None = None):
     """A rollout worker's end (rank >= 1) of the group at host:port; buffers live on the
-    engine's device for nccl, on the CPU for gloo."""
+    engine's device for nccl, on the CPU (shared with the sender when it can) for gloo."""
     _check(transport)
     if transport == "inprocess":
         raise ValueError('the "inprocess" transport has no receiver: the sender calls the '
                          'engine directly')
-    ch = _channel(transport, host, port, rank, world_size, timeout_s, engine.device)
+    ch = _channel(transport, host, port, rank, world_size, timeout_s, engine.device,
+                  shared_memory, shm_dir)
     return WeightReceiver(ch, engine)
 
 

@@ -2,14 +2,18 @@
 the rollout workers (ranks 1..W), separate from any data-parallel group the trainer has.
 
 Each channel offers the two collectives the protocol needs: an in-place `broadcast` of a
-byte/int tensor from a root, and an in-place MAX `allreduce` of a small int64 tensor.
+byte/int tensor from a root, and an in-place MAX `allreduce` of a small int64 tensor; a
+channel whose ranks share memory also offers `shared_buffers` + `notify`, so buckets are
+packed once into memory every rank sees instead of being sent.
 `GlooChannel` uses torch's ProcessGroupGloo over its own TCPStore (no init_process_group, so
-it never collides with a default group); `NcclChannel` uses cupy's NCCL bindings with the
+it never collides with a default group), with a shared-memory data plane when its ranks run
+on one machine (shm.py); `NcclChannel` uses cupy's NCCL bindings with the
 unique id passed through a TCPStore. Both turn a peer that is gone or late into a
 `WeightSyncError` that names the group's peers and the timeout."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -17,7 +21,10 @@ from datetime import timedelta
 
 import torch
 
+from trainer.weight_sync import shm
 from trainer.weight_sync.protocol import WeightSyncError
+
+log = logging.getLogger("brorl")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -48,6 +55,17 @@ class Channel(ABC):
     def allreduce_max(self, t: torch.Tensor) -> None:
         """Overwrites int64 `t` with its element-wise maximum over the ranks (in place)."""
 
+    def shared_buffers(self, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Collective (every rank calls it with the same sizes): uint8 buffers of `sizes`
+        bytes that are the same memory on every rank, valid until the next call; or None
+        when the ranks share no memory (then the caller broadcasts the bytes)."""
+        return None
+
+    def notify(self, index: int) -> None:
+        """Collective: rank 0 says shared buffer `index` is written; the other ranks return
+        once it is (and raise if the group is out of step)."""
+        raise NotImplementedError(f"the {self.name} channel has no shared buffers")
+
     def close(self) -> None:  # noqa: B027 - optional hook; a channel may hold nothing
         """Releases the group's resources."""
 
@@ -64,12 +82,16 @@ class Channel(ABC):
 
 
 class GlooChannel(Channel):
-    """torch ProcessGroupGloo between CPU processes (loopback or TCP)."""
+    """torch ProcessGroupGloo between CPU processes (loopback or TCP). With
+    `shared_memory` (the default) and every rank on one machine, buckets travel through a
+    shared-memory segment in `shm_dir` and gloo carries only the small control messages;
+    otherwise gloo broadcasts the bytes."""
 
     name = "gloo"
 
     def __init__(self, host: str, port: int, rank: int, world_size: int,
-                 timeout_s: float = 300.0, prefix: str = "brorl_weight_sync") -> None:
+                 timeout_s: float = 300.0, prefix: str = "brorl_weight_sync",
+                 shared_memory: bool = True, shm_dir: str = shm.DEFAULT_SHM_DIR) -> None:
         super().__init__(rank, world_size, timeout_s)
         import torch.distributed as dist
 
@@ -83,6 +105,14 @@ class GlooChannel(Channel):
                                              world_size, timeout)
         except RuntimeError as err:
             raise self._fail(f"joining the group at {host}:{port}", start, err) from err
+        self.shared_memory, self.shm_dir = shared_memory, shm_dir
+        self._segment: shm.Segment | None = None
+        self._shm_token: str | None = None
+        self._shm_off = False  # rank 0: a peer could not map a segment; use TCP from now on
+        if rank == 0:
+            self._shm_token = shm.new_token()
+            self._store.set(f"{prefix}/shm_token", self._shm_token)
+        self._prefix = prefix
 
     def _run(self, work, what: str, start: float) -> None:
         try:
@@ -102,7 +132,88 @@ class GlooChannel(Channel):
         start = time.monotonic()
         self._run(self._pg.allreduce([t], opts), "all-reduce", start)
 
+    def shared_buffers(self, sizes: list[int]) -> list[torch.Tensor] | None:
+        """Rank 0 (re)creates the segment when it is missing or too small, every other rank
+        maps it, and rank 0 unlinks its name once all have; a rank that cannot map it turns
+        the group to TCP for good."""
+        if self.world_size == 1:
+            return None
+        _, total = shm.aligned_offsets(sizes)
+        header = torch.zeros(2, dtype=torch.int64)  # [generation (0: no segment), capacity]
+        if self.rank == 0:
+            seg = self._sender_segment(total)
+            if seg is not None:
+                header[:] = torch.tensor([seg.generation, seg.capacity])
+        self.broadcast(header, src=0)
+        generation, capacity = (int(v) for v in header)
+        if generation == 0:
+            self._segment = None
+            return None
+        failed = torch.zeros(1, dtype=torch.int64)
+        if self.rank and not self._attach(generation, capacity):
+            failed[0] = 1
+        self.allreduce_max(failed)
+        if self.rank == 0:
+            self._segment.unlink()
+        if int(failed[0]):
+            if self.rank == 0:
+                log.warning("weight sync: a rollout worker cannot map shared memory in %s (on "
+                            "another machine?); sending weights over gloo TCP", self.shm_dir)
+                self._shm_off = True
+            self._segment = None
+            return None
+        return self._segment.views(sizes)
+
+    def _sender_segment(self, total: int) -> shm.Segment | None:
+        seg = self._segment
+        if not self.shared_memory or self._shm_off:
+            return None
+        if seg is not None and seg.capacity >= total:
+            return seg
+        self._segment = None  # drop the small one before mapping a larger one
+        generation = seg.generation + 1 if seg else 1
+        if not shm.fits(self.shm_dir, total):
+            log.warning("weight sync: %s has no room for %.0f MB of shared buckets; sending "
+                        "weights over gloo TCP", self.shm_dir, total / 1e6)
+            return None
+        try:
+            self._segment = shm.Segment.create(self.shm_dir, self._shm_token, generation,
+                                               max(total, shm.ALIGN))
+        except (OSError, RuntimeError) as err:
+            log.warning("weight sync: no shared-memory segment in %s (%s); sending weights "
+                        "over gloo TCP", self.shm_dir, err)
+            return None
+        return self._segment
+
+    def _attach(self, generation: int, capacity: int) -> bool:
+        seg = self._segment
+        if seg is not None and seg.generation == generation and seg.capacity == capacity:
+            return True
+        self._segment = None
+        if not self.shared_memory:
+            return False
+        try:
+            if self._shm_token is None:
+                self._shm_token = self._store.get(f"{self._prefix}/shm_token").decode()
+            self._segment = shm.Segment.attach(self.shm_dir, self._shm_token, generation,
+                                               capacity)
+        except (OSError, RuntimeError) as err:
+            log.info("weight sync: cannot map rank 0's shared memory (%s)", err)
+            return False
+        return True
+
+    def notify(self, index: int) -> None:
+        t = torch.tensor([index], dtype=torch.int64)
+        self.broadcast(t, src=0)
+        if int(t[0]) != index:
+            raise WeightSyncError(f"weight sync (gloo, rank {self.rank}): rank 0 wrote shared "
+                                  f"bucket {int(t[0])} while this rank waits for {index}")
+
     def close(self) -> None:
+        if self._segment is not None:
+            if self.rank == 0:
+                self._segment.unlink()
+            self._segment = None
         self._pg = None
         self._store = None
 

@@ -76,12 +76,17 @@ class WeightSender:
         _send_bytes(ch, manifest.to_bytes())
         _agree(ch, None, "manifest")
         tensors = dict(items)
-        for bucket in manifest.buckets:
-            buf = self._buffer(bucket.dtype, bucket.numel)
-            ch.broadcast(pack(bucket, tensors, buf), src=0)
+        shared = ch.shared_buffers([b.num_bytes for b in manifest.buckets])
+        for i, bucket in enumerate(manifest.buckets):
+            if shared is not None:  # pack straight into memory the receivers map
+                pack(bucket, tensors, shared[i].view(dtype_of(bucket.dtype)))
+                ch.notify(i)
+            else:
+                buf = self._buffer(bucket.dtype, bucket.numel)
+                ch.broadcast(pack(bucket, tensors, buf), src=0)
         _agree(ch, None, "apply")
         return {"bytes": manifest.num_bytes, "buckets": len(manifest.buckets),
-                "seconds": time.perf_counter() - start}
+                "shared_memory": shared is not None, "seconds": time.perf_counter() - start}
 
     def _buffer(self, dtype: str, numel: int) -> torch.Tensor:
         """One reusable flat buffer per dtype on the channel's device (grown on demand)."""
@@ -98,7 +103,9 @@ class WeightSender:
 
 
 class WeightReceiver:
-    """Ranks 1..W of a weight-sync group: one engine each."""
+    """Ranks 1..W of a weight-sync group: one engine each. Buckets are staged (in the
+    channel's shared buffers, or in buffers of its own) and applied only once all arrived;
+    the engine copies them into its parameters, so the staging memory is free to reuse."""
 
     def __init__(self, channel: Channel, engine) -> None:
         if channel.rank == 0:
@@ -120,9 +127,16 @@ class WeightReceiver:
             problem = str(err)
         _agree(ch, problem, "manifest")
         named: list[tuple[str, torch.Tensor]] = []
+        shared = ch.shared_buffers([b.num_bytes for b in manifest.buckets])
+        if shared is not None:
+            self._buffers.clear()  # the shared segment stages the buckets now
         for i, bucket in enumerate(manifest.buckets):
-            data = self._buffer(i, bucket.num_bytes)
-            ch.broadcast(data, src=0)
+            if shared is not None:
+                ch.notify(i)
+                data = shared[i]
+            else:
+                data = self._buffer(i, bucket.num_bytes)
+                ch.broadcast(data, src=0)
             named += unpack(bucket, data)
         problem = None
         try:
