@@ -31,19 +31,23 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dict,
-                    ref_model=None, keep: int = 2) -> Path:
+                    ref_model=None, keep: int = 2, model_state: dict | None = None,
+                    ref_state: dict | None = None) -> Path:
     """Writes into a temporary directory and renames it into place, so a crash never
-    leaves a half-written checkpoint that resume would pick up. Keeps the newest `keep`."""
+    leaves a half-written checkpoint that resume would pick up. Keeps the newest `keep`.
+    `model_state` / `ref_state`: full parameters gathered from a sharded policy and
+    reference (trainer/parallel.py), written instead of the modules' own."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=model_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if ref_model is not None:
-            torch.save(ref_model.state_dict(), tmp / "reference.pt")
+        if ref_state is not None or ref_model is not None:
+            torch.save(ref_state if ref_state is not None else ref_model.state_dict(),
+                       tmp / "reference.pt")
         torch.save({**state, "step": step}, tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)

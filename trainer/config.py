@@ -199,16 +199,22 @@ class RayConfig:
     address: str = _f("", '"" starts Ray locally; "auto" or "ray://host:port" joins a cluster')
     num_workers: int = _f(1, "rollout workers (one engine each)")
     gpus_per_worker: float = _f(1.0, "GPUs per rollout worker (on CUDA)")
-    trainer_gpus: int = _f(1, "GPUs of the trainer actor (on CUDA; only 1 is supported)")
+    num_trainers: int = _f(1, "data-parallel trainer actors; > 1 shards the policy with "
+                           "FSDP2 over them (NCCL on GPUs, gloo on CPUs)")
+    trainer_gpus: int = _f(1, "GPUs per trainer actor (on CUDA; 1: FSDP2 takes one GPU per "
+                           "rank, so more GPUs means more ray.num_trainers)")
+    trainer_timeout_s: float = _f(3600.0, "how long trainer ranks wait for rank 0 (its "
+                                  "rollouts and evaluation) before failing")
     cpus_per_actor: float = _f(1.0, "CPUs Ray reserves per actor")
     num_cpus: int | None = _f(None, "CPUs of a locally started Ray (None: all)")
 
     def __post_init__(self) -> None:
-        _positive(self, "num_workers", "trainer_gpus")
+        _positive(self, "num_workers", "trainer_gpus", "num_trainers", "trainer_timeout_s")
         if self.gpus_per_worker < 0 or self.cpus_per_actor < 0:
             raise ValueError("ray.gpus_per_worker and ray.cpus_per_actor must be >= 0")
         if self.trainer_gpus > 1:
-            raise ValueError("ray.trainer_gpus > 1 needs FSDP2 training, not implemented yet")
+            raise ValueError(f"ray.trainer_gpus={self.trainer_gpus}: a trainer actor takes "
+                             "one GPU; for more, set ray.num_trainers (FSDP2 data parallel)")
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "steps", "checkpoint_every", "keep_checkpoints")
         _choice(self, "launcher", ("embedded", "ray"))
+        if self.ray.num_trainers > 1 and self.launcher != "ray":
+            raise ValueError(f"ray.num_trainers={self.ray.num_trainers} needs launcher=ray "
+                             "(the embedded launch is one process)")
         transport = self.rollout.weight_sync_transport
         if (transport == "inprocess") != (self.launcher == "embedded") and transport != "auto":
             raise ValueError(f"rollout.weight_sync_transport={transport} does not fit "

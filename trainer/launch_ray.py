@@ -7,8 +7,12 @@ they share its prefix cache) and whose `update_weights` broadcasts the trainer's
 every worker over a dedicated weight-sync group (NCCL on GPUs, gloo on CPUs). The trainer
 is rank 0 of that group, worker i is rank i + 1.
 
-Placement: the trainer takes `ray.trainer_gpus` GPUs (1 for now: FSDP2 is not implemented)
-and each worker `ray.gpus_per_worker`; on CPU they take `ray.cpus_per_actor` CPUs each.
+With `ray.num_trainers` > 1 there are that many trainer actors, ranks of one FSDP2 data-
+parallel group (trainer/parallel.py): rank 0 drives the loop and the workers as above, the
+others hold their shards of the policy and train on their share of each step's samples.
+
+Placement: each trainer actor takes `ray.trainer_gpus` (1) GPU and each worker
+`ray.gpus_per_worker`; on CPU they take `ray.cpus_per_actor` CPUs each.
 Workers load the checkpoint from the same path, so a multi-node run needs a shared
 filesystem for `output_dir` and the model.
 """
@@ -42,17 +46,21 @@ def train_ray(cfg: TrainConfig, resume: str | None = None) -> dict:
         gpus = ray.cluster_resources().get("GPU", 0)
         device = cfg.model.device if cfg.model.device != "auto" else \
             ("cuda" if gpus else "cpu")
-        if device == "cuda" and gpus < cfg.ray.trainer_gpus + \
+        trainer_gpus = cfg.ray.num_trainers * cfg.ray.trainer_gpus
+        if device == "cuda" and gpus < trainer_gpus + \
                 cfg.ray.num_workers * cfg.ray.gpus_per_worker:
             log.warning("ray: %g GPUs in the cluster for %d trainer + %d x %g worker GPUs; "
-                        "actors will wait for resources", gpus, cfg.ray.trainer_gpus,
+                        "actors will wait for resources", gpus, trainer_gpus,
                         cfg.ray.num_workers, cfg.ray.gpus_per_worker)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=device))
         actor = ray.remote(TrainerActor).options(
             num_cpus=cfg.ray.cpus_per_actor,
             num_gpus=cfg.ray.trainer_gpus if device == "cuda" else 0)
-        trainer = actor.remote(cfg.ray.cpus_per_actor)
-        return ray.get(trainer.train.remote(cfg, resume))
+        trainers = [actor.remote(cfg.ray.cpus_per_actor) for _ in range(cfg.ray.num_trainers)]
+        address = ray.get(trainers[0].group_address.remote())
+        results = ray.get([t.train.remote(cfg, resume, rank, len(trainers), address)
+                           for rank, t in enumerate(trainers)])
+        return results[0]
     finally:
         if started:
             ray.shutdown()
@@ -67,19 +75,36 @@ class TrainerActor:
                             datefmt="%H:%M:%S")
         self.engines: RayEngines | None = None
 
-    def train(self, cfg: TrainConfig, resume: str | None) -> dict:
-        """`trainer.loop.train` with the rollout workers as its engine."""
+    def group_address(self) -> str:
+        """host:port for the trainers' data-parallel group, on this actor's node."""
+        import ray
+
+        from trainer.weight_sync.channel import free_port
+
+        host = ray.util.get_node_ip_address()
+        return f"{host}:{free_port(host)}"
+
+    def train(self, cfg: TrainConfig, resume: str | None, rank: int = 0,
+              world_size: int = 1, address: str = "") -> dict:
+        """`trainer.loop.train` with the rollout workers as its engine (rank 0), or as one
+        more FSDP2 rank of the trainers' data-parallel group."""
         from trainer.loop import train
+        from trainer.parallel import close_group, init_group
 
         def make_engine(path: str, cfg: TrainConfig) -> RayEngines:
             self.engines = RayEngines(path, cfg)
             return self.engines
 
+        device = torch.device(cfg.model.resolved_device)
+        if device.type == "cuda":
+            torch.cuda.set_device(0)  # the actor sees only its own GPU
+        dp = init_group(rank, world_size, address, device, cfg.ray.trainer_timeout_s)
         try:
-            return train(cfg, resume, make_engine=make_engine)
+            return train(cfg, resume, make_engine=make_engine, dp=dp)
         finally:
             if self.engines is not None:
                 self.engines.close()
+            close_group(dp)
 
 
 class RolloutWorker:

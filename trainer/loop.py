@@ -1,6 +1,11 @@
 """The embedded BroRL loop: engine and trainer in one process on one device. Each step:
 rollouts (N samples per prompt, dynamic sampling) -> advantages + clipped policy update ->
-in-process weight sync (`Engine.update_weights`) -> metrics, periodic eval, checkpoint."""
+in-process weight sync (`Engine.update_weights`) -> metrics, periodic eval, checkpoint.
+
+With a data-parallel group (trainer/parallel.py, the Ray launcher's ray.num_trainers > 1)
+every trainer rank runs this loop on an FSDP2 shard of the policy: rank 0 alone holds the
+engine, the data stream, the verifiers and the run directory; the other ranks receive each
+step's kept groups from it and join the collectives (update, full-state gathers)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,18 @@ from trainer.config import TrainConfig, to_dict
 from trainer.data import ProblemStream, load_problems
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, read_metrics
-from trainer.policy import load_policy, named_weights
+from trainer.parallel import (
+    SINGLE,
+    DataParallel,
+    broadcast_object,
+    full_state,
+    load_full_state,
+    load_optimizer_state,
+    optimizer_state,
+    plain_copy,
+    shard,
+)
+from trainer.policy import load_policy
 from trainer.rollout import collect_rollouts
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
@@ -42,75 +58,102 @@ class Run:
 
     cfg: TrainConfig
     run_dir: Path
-    engine: Engine
+    engine: Engine | None  # None on data-parallel ranks other than 0 (so are the next four)
     model: torch.nn.Module
     ref_model: torch.nn.Module | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    stream: ProblemStream
+    stream: ProblemStream | None
     held_out: list
-    pool: VerifierPool
-    metrics: MetricsWriter
+    pool: VerifierPool | None
+    metrics: MetricsWriter | None
+    pad_id: int = 0
+    dp: DataParallel = SINGLE
     step: int = 0
     elapsed_s: float = 0.0  # training wall time, carried across resumes
 
 
-def train(cfg: TrainConfig, resume: str | None = None, make_engine=None) -> dict:
-    """Runs (or resumes) a training run; returns {"before": eval, "after": eval}.
-    `make_engine(path, cfg)` builds the engine (default: a local `Engine`; the Ray launcher
-    passes one that returns its rollout workers behind the same interface)."""
-    run = setup(cfg, resume, make_engine)
+def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
+          dp: DataParallel = SINGLE) -> dict:
+    """Runs (or resumes) a training run; returns {"before": eval, "after": eval} (an empty
+    dict on data-parallel ranks other than 0). `make_engine(path, cfg)` builds the engine
+    (default: a local `Engine`; the Ray launcher passes one that returns its rollout
+    workers behind the same interface)."""
+    run = setup(cfg, resume, make_engine, dp)
     try:
         if run.step == 0:
             _log_eval(run, 0, {"elapsed_s": 0.0})
         while run.step < cfg.steps:
             train_step(run)
     finally:
-        run.pool.close()
-        run.metrics.close()
-    return summary(run.run_dir)
+        if dp.is_main:
+            run.pool.close()
+            run.metrics.close()
+    return summary(run.run_dir) if dp.is_main else {}
 
 
-def setup(cfg: TrainConfig, resume: str | None, make_engine=None) -> Run:
+def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
+          dp: DataParallel = SINGLE) -> Run:
     run_dir = Path(resume or cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is None:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    path = str(ckpt) if ckpt else _initial_policy(cfg)
-    device = cfg.model.resolved_device
+    path = None
+    if dp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
+                                                                sort_keys=False))
+        path = str(ckpt) if ckpt else _initial_policy(cfg)  # rank 0 builds the demo policy
+    path = broadcast_object(path, dp)
+    device = torch.device(cfg.model.resolved_device)
     r = cfg.rollout
-    engine = (make_engine or local_engine)(path, cfg)
-    if engine.tokenizer is None:
-        raise ValueError(f"{path} has no tokenizer; the trainer needs one to render prompts")
+    engine = pool = metrics = stream = None
+    train_set, held_out = [], []
+    if dp.is_main:
+        engine = (make_engine or local_engine)(path, cfg)
+        if engine.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer; the trainer needs one to render "
+                             "prompts")
+        tokenizer = engine.tokenizer
+        train_set, held_out = load_problems(cfg.data)
+        stream = ProblemStream(train_set, cfg.seed)
+        pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s)
+        metrics = MetricsWriter(run_dir)
+    else:
+        from engine.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(path)
     model = load_policy(path, device)
     ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
+    model = shard(model, dp, device)
+    ref_model = shard(ref_model, dp, device) if ref_model is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    train_set, held_out = load_problems(cfg.data)
-    run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler,
-              ProblemStream(train_set, cfg.seed), held_out,
-              VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s),
-              MetricsWriter(run_dir))
+    run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler, stream, held_out,
+              pool, metrics, tokenizer.pad_token_id or 0, dp)
     if ckpt is not None:
         _restore(run, ckpt)
-    log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per step",
-             path, device, len(train_set), len(held_out), r.n, r.prompts_per_step)
+    if dp.is_main:
+        log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per "
+                 "step%s", path, device, len(train_set), len(held_out), r.n,
+                 r.prompts_per_step, f"; {dp.world_size} FSDP2 trainer ranks"
+                 if dp.enabled else "")
     return run
 
 
 def train_step(run: Run) -> dict:
     cfg, step = run.cfg, run.step + 1
     start = time.perf_counter()
-    rollouts = collect_rollouts(run.engine, run.stream, run.pool, cfg, step)
-    metrics = dict(rollouts.metrics)
-    if rollouts.groups:
+    groups, metrics = None, {}
+    if run.dp.is_main:
+        rollouts = collect_rollouts(run.engine, run.stream, run.pool, cfg, step)
+        groups, metrics = rollouts.groups, dict(rollouts.metrics)
+    groups = broadcast_object(groups, run.dp)
+    if groups:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        metrics.update(policy_update(run.model, run.optimizer, run.scheduler, rollouts.groups,
-                                     cfg, run.engine.tokenizer.pad_token_id or 0,
-                                     run.ref_model, gen))
-    else:
+        metrics.update(policy_update(run.model, run.optimizer, run.scheduler, groups, cfg,
+                                     run.pad_id, run.ref_model, gen, run.dp))
+    elif run.dp.is_main:
         log.warning("step %d: every group had equal rewards; no update", step)
     metrics.update(sync_weights(run, step))
     a = cfg.algorithm
@@ -123,11 +166,14 @@ def train_step(run: Run) -> dict:
     run.elapsed_s += time.perf_counter() - start
     metrics["elapsed_s"] = run.elapsed_s
     metrics["step_seconds"] = time.perf_counter() - start
-    if cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.steps:
+    if not run.dp.is_main:
+        pass
+    elif cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.steps:
         _log_eval(run, step, metrics)
     else:
         run.metrics.log(step, metrics)
-    _console(step, cfg.steps, metrics)
+    if run.dp.is_main:
+        _console(step, cfg.steps, metrics)
     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         _checkpoint(run)
     return metrics
@@ -144,14 +190,23 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
 def sync_weights(run: Run, step: int) -> dict:
     """Sends the trainer's weights to the engine(s) as policy version `step`; with
     rollout.weight_sync_probe also compares logits on a fixed prompt. If a rollout worker
-    is lost mid-sync, the trainer's state is checkpointed before the error propagates."""
+    is lost mid-sync, the trainer's state is checkpointed (by every trainer rank) before
+    the error propagates."""
     t0 = time.perf_counter()
-    try:
-        run.engine.update_weights(named_weights(run.model), version=step)
-    except WeightSyncError:
+    named = full_state(run.model, run.dp)  # collective when sharded; empty off rank 0
+    error = None
+    if run.dp.is_main:
+        try:
+            run.engine.update_weights(list(named.items()), version=step)
+        except WeightSyncError as err:
+            error = err
+    failed = broadcast_object(None if error is None else str(error), run.dp)
+    if failed is not None:
         run.step = step
         _checkpoint(run)
-        raise
+        raise error or WeightSyncError(f"trainer rank 0 could not sync the weights: {failed}")
+    if not run.dp.is_main:
+        return {}
     out = {"weight_sync/seconds": time.perf_counter() - t0}
     sent = getattr(run.engine, "last_sync", None)  # a sender's statistics (Ray launcher)
     if isinstance(sent, dict):
@@ -159,12 +214,15 @@ def sync_weights(run: Run, step: int) -> dict:
         out["weight_sync/shared_memory"] = int(sent["shared_memory"])
     r = run.cfg.rollout
     if r.weight_sync_probe:
+        model = plain_copy(run.model, named) if run.dp.enabled else run.model
         out["weight_sync/probe_max_abs_diff"] = probe_check(
-            run.engine, run.model, run.cfg.model.dtype, r.weight_sync_probe_threshold)
+            run.engine, model, run.cfg.model.dtype, r.weight_sync_probe_threshold)
     return out
 
 
 def _log_eval(run: Run, step: int, metrics: dict) -> None:
+    if not run.dp.is_main:
+        return
     t0 = time.perf_counter()
     result = evaluate(run.engine, run.held_out, run.cfg, run.pool)
     result["eval/seconds"] = time.perf_counter() - t0
@@ -183,26 +241,42 @@ def _console(step: int, steps: int, m: dict) -> None:
 
 
 def _checkpoint(run: Run) -> None:
-    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+    """Every rank joins the gathers of a sharded policy; rank 0 writes."""
+    dp = run.dp
+    optim = optimizer_state(run.model, run.optimizer, dp)
+    weights = full_state(run.model, dp) if dp.enabled else None
+    ref = full_state(run.ref_model, dp) if dp.enabled and run.ref_model is not None else None
+    if not dp.is_main:
+        return
+    state = {"optimizer": optim, "scheduler": run.scheduler.state_dict(),
              "stream": run.stream.state(), "rng": rng_state(), "elapsed_s": run.elapsed_s,
-             "config": to_dict(run.cfg)}
+             "config": to_dict(run.cfg), "data_parallel": dp.enabled}
     path = save_checkpoint(run.run_dir, run.step, run.model, run.engine.tokenizer, state,
-                           run.ref_model, run.cfg.keep_checkpoints)
+                           run.ref_model, run.cfg.keep_checkpoints, weights, ref)
     log.info("checkpoint: %s", path)
 
 
 def _restore(run: Run, ckpt: Path) -> None:
+    """Every rank reads the checkpoint (a shared filesystem); the weights were loaded from
+    it before sharding."""
     state = load_state(ckpt)
-    run.optimizer.load_state_dict(state["optimizer"])
+    saved_dp = bool(state.get("data_parallel", False))
+    if saved_dp != run.dp.enabled:
+        raise ValueError(f"{ckpt} holds the optimizer state of a "
+                         f"{'data-parallel' if saved_dp else 'one-rank'} trainer; resume it "
+                         f"with ray.num_trainers {'> 1' if saved_dp else '= 1'}")
+    load_optimizer_state(run.model, run.optimizer, state["optimizer"], run.dp)
     run.scheduler.load_state_dict(state["scheduler"])
-    run.stream.load_state(state["stream"])
     set_rng_state(state["rng"])
     run.step, run.elapsed_s = int(state["step"]), float(state["elapsed_s"])
     if run.ref_model is not None and (ckpt / "reference.pt").is_file():
-        run.ref_model.load_state_dict(torch.load(ckpt / "reference.pt", map_location="cpu"))
-    run.metrics.truncate_after(run.step)
-    run.engine.policy_version = run.step
-    log.info("resumed from %s (step %d)", ckpt, run.step)
+        load_full_state(run.ref_model, torch.load(ckpt / "reference.pt", map_location="cpu"),
+                        run.dp)
+    if run.dp.is_main:
+        run.stream.load_state(state["stream"])
+        run.metrics.truncate_after(run.step)
+        run.engine.policy_version = run.step
+        log.info("resumed from %s (step %d)", ckpt, run.step)
 
 
 def _initial_policy(cfg: TrainConfig) -> str:

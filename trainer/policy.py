@@ -49,7 +49,35 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, mask: torch.
 
     ids [B, L] right-padded (right padding needs no attention mask under a causal model);
     targets and mask [B, L-1] from `pad_batch`. Positions are processed `chunk` at a time.
+    A policy sharded by trainer/parallel.py runs this inside its scorer's forward, where
+    FSDP2 gathers the parameters.
     """
+    scorer = getattr(model, SCORER_ATTR, None)
+    if scorer is not None:
+        return scorer(ids, targets, mask, temperature, chunk, with_entropy)
+    return _token_logprobs(model, ids, targets, mask, temperature, chunk, with_entropy)
+
+
+SCORER_ATTR = "_brorl_scorer"
+
+
+class Scorer(torch.nn.Module):
+    """`token_logprobs` as one module call, so that FSDP2 (which gathers a unit's
+    parameters in its forward hooks) can wrap the whole computation: the decoder layers
+    are units of their own, and this module is the root unit owning the embeddings, the
+    final norm and the LM head. Not a submodule of the policy (parameter names stay the
+    Hugging Face ones); the policy points to it through SCORER_ATTR."""
+
+    def __init__(self, policy: torch.nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, ids, targets, mask, temperature, chunk, with_entropy):
+        return _token_logprobs(self.policy, ids, targets, mask, temperature, chunk,
+                               with_entropy)
+
+
+def _token_logprobs(model, ids, targets, mask, temperature, chunk, with_entropy):
     hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # [B, L-1, H]
     head = model.get_output_embeddings()
     flat_h = hidden[mask]

@@ -1,7 +1,9 @@
 """The policy update of one step: advantages over each kept group, then clipped policy-
 gradient steps on mini-batches, each accumulated over micro-batches so that N=512 samples
 per prompt fit in memory. Micro-batch losses are normalised by their mini-batch's token
-(or sequence) count, so accumulation equals one large batch."""
+(or sequence) count, so accumulation equals one large batch. With a data-parallel group
+(trainer/parallel.py) each rank takes its share of every mini-batch in the same number of
+micro-batches, and FSDP2 sums the gradients, so the step equals the one-process step."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from trainer.algorithms import (
     tis_weights,
 )
 from trainer.config import TrainConfig
+from trainer.parallel import SINGLE, DataParallel, all_gather_objects, sum_metrics, total_norm
 from trainer.policy import pad_batch, token_logprobs
 from trainer.rollout import Group
 
@@ -57,37 +60,55 @@ def build_samples(groups: list[Group], cfg: TrainConfig,
 
 
 def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainConfig,
-                  pad_id: int, ref_model=None, generator: torch.Generator | None = None
-                  ) -> dict:
+                  pad_id: int, ref_model=None, generator: torch.Generator | None = None,
+                  dp: DataParallel = SINGLE) -> dict:
     """Runs algorithm.num_mini_batches optimizer steps over the kept groups' samples.
-    Returns averaged loss statistics."""
+    Returns averaged loss statistics. Every rank of `dp` calls it with the same groups
+    and an identically seeded generator."""
     samples, metrics = build_samples(groups, cfg, generator)
     if cfg.algorithm.old_logprobs == "recompute":
-        recompute_old_logprobs(model, samples, cfg, pad_id)
+        recompute_old_logprobs(model, samples, cfg, pad_id, dp)
     order = torch.randperm(len(samples), generator=generator).tolist()
     chunks = [order[i::cfg.algorithm.num_mini_batches]
               for i in range(cfg.algorithm.num_mini_batches)]
     totals: dict[str, float] = {}
+    norms = []
     for idx in chunks:
         mini = [samples[i] for i in sorted(idx)]
-        stats = _mini_batch_step(model, optimizer, mini, cfg, pad_id, ref_model)
+        stats = _mini_batch_step(model, optimizer, mini, cfg, pad_id, ref_model, dp)
+        norms.append(stats.pop("train/grad_norm"))  # already global: not summed over ranks
         scheduler.step()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / len(chunks)
-    return {**metrics, **totals, "train/lr": scheduler.get_last_lr()[0],
-            "train/samples": len(samples),
+    totals = sum_metrics(totals, dp)
+    return {**metrics, **totals, "train/grad_norm": sum(norms) / len(norms),
+            "train/lr": scheduler.get_last_lr()[0], "train/samples": len(samples),
             "train/tokens": sum(s.num_response for s in samples)}
 
 
+def micro_batches(items: list, size: int, dp: DataParallel = SINGLE) -> list[list]:
+    """This rank's share of `items` cut into micro-batches of at most `size`; every rank
+    gets the same number of them (FSDP2 runs collectives in each forward and backward), so
+    a rank with fewer items gets empty ones at the end. No items: no micro-batches."""
+    per_rank = -(-len(items) // dp.world_size)  # rank 0's share, the largest
+    count = -(-per_rank // size)
+    mine = dp.share(items)
+    return [mine[i * size:(i + 1) * size] for i in range(count)]
+
+
 def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad_id: int,
-                     ref_model) -> dict:
+                     ref_model, dp: DataParallel = SINGLE) -> dict:
     a, o = cfg.algorithm, cfg.optim
     device = next(model.parameters()).device
     num_tokens = sum(s.num_response for s in mini)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    for i in range(0, len(mini), o.micro_batch_size):
-        micro = mini[i:i + o.micro_batch_size]
+    for micro in micro_batches(mini, o.micro_batch_size, dp):
+        # A rank with no samples left runs one at weight 0 (FSDP2's collectives must run
+        # on every rank) and keeps its statistics out of the sums.
+        dummy = not micro
+        micro = micro or mini[:1]
+        acc: dict[str, float] = {} if dummy else sums
         ids, targets, mask = pad_batch([s.ids for s in micro], [s.start for s in micro],
                                        pad_id, device)
         behaviour = _per_token(micro, "behaviour_logprobs", mask)
@@ -102,7 +123,7 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad
                 weights, tis = tis_weights(old, behaviour, mask, a.tis_low, a.tis_high, a.tis)
                 adv = adv * weights
                 for k, v in tis.items():
-                    _add(sums, f"tis/{k}", float(v) * mask.sum().item() / num_tokens)
+                    _add(acc, f"tis/{k}", float(v) * mask.sum().item() / num_tokens)
         agg = dict(mode=a.loss_agg, num_tokens=num_tokens, num_seqs=len(mini))
         pg, stats = ppo_clip_loss(logprobs, old, adv, mask, a.eps_low, a.eps_high,
                                   a.dual_clip, a.loss_agg, num_tokens, len(mini))
@@ -116,35 +137,39 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad
             kl = aggregate_loss(kl_penalty(logprobs, ref, a.kl_estimator, a.kl_clamp),
                                 mask, **agg)
             loss = loss + a.kl_coef * kl
-            _add(sums, "train/kl", kl.item())
-        loss.backward()
+            _add(acc, "train/kl", kl.item())
+        (loss * 0.0 if dummy else loss).backward()
         share = mask.sum().item() / num_tokens
-        _add(sums, "train/loss", loss.item())
-        _add(sums, "train/pg_loss", pg.item())
-        _add(sums, "train/entropy", aggregate_loss(entropy.detach(), mask,
+        _add(acc, "train/loss", loss.item())
+        _add(acc, "train/pg_loss", pg.item())
+        _add(acc, "train/entropy", aggregate_loss(entropy.detach(), mask,
                                                    "token-mean").item() * share)
         for k, v in stats.items():
-            _add(sums, f"train/{k}", float(v) * share)
+            _add(acc, f"train/{k}", float(v) * share)
     params = [p for p in model.parameters() if p.grad is not None]
     clip = o.grad_clip if o.grad_clip > 0 else float("inf")
-    sums["train/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    sums["train/grad_norm"] = total_norm(torch.nn.utils.clip_grad_norm_(params, clip))
     optimizer.step()
     return sums
 
 
 @torch.no_grad()
 def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
-                           pad_id: int) -> None:
-    """The trainer's logprobs of every response token before this step's update."""
+                           pad_id: int, dp: DataParallel = SINGLE) -> None:
+    """The trainer's logprobs of every response token before this step's update (each
+    rank computes its share; every rank ends up with all of them)."""
     device = next(model.parameters()).device
-    for i in range(0, len(samples), cfg.optim.micro_batch_size):
-        micro = samples[i:i + cfg.optim.micro_batch_size]
-        ids, targets, mask = pad_batch([s.ids for s in micro], [s.start for s in micro],
+    mine: list[list[float]] = []
+    for micro in micro_batches(samples, cfg.optim.micro_batch_size, dp):
+        batch = micro or samples[:1]  # an empty share still joins the collectives
+        ids, targets, mask = pad_batch([s.ids for s in batch], [s.start for s in batch],
                                        pad_id, device)
         lp, _ = token_logprobs(model, ids, targets, mask, cfg.rollout.temperature,
                                cfg.optim.logprob_chunk, with_entropy=False)
-        for row, s in enumerate(micro):
-            s.old_logprobs = lp[row, s.start - 1:len(s.ids) - 1].tolist()
+        mine += [lp[row, s.start - 1:len(s.ids) - 1].tolist() for row, s in enumerate(micro)]
+    for rank, values in enumerate(all_gather_objects(mine, dp)):
+        for s, v in zip(samples[rank::dp.world_size], values):
+            s.old_logprobs = v
 
 
 def _per_token(micro: list[Sample], attr: str, mask: torch.Tensor) -> torch.Tensor:

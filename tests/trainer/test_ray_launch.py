@@ -11,12 +11,11 @@ import pytest
 from trainer.metrics import read_metrics
 
 
-def test_ray_launch_two_steps_probe_matches(tiny_policy, tmp_path, monkeypatch):
+def _ray_run(tiny_policy, out, monkeypatch, **extra):
     pytest.importorskip("ray")
     from trainer.cli import main
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    out = tmp_path / "run"
     overrides = {
         "model.path": tiny_policy, "model.device": "cpu", "output_dir": str(out),
         "steps": 2, "seed": 3, "data.size": 40, "data.eval_size": 4,
@@ -26,18 +25,46 @@ def test_ray_launch_two_steps_probe_matches(tiny_policy, tmp_path, monkeypatch):
         "optim.lr": 1e-2, "verifier.num_workers": 0, "progress": False,
         "checkpoint_every": 2, "rollout.weight_sync_probe": True,
         "rollout.weight_sync_bucket_mb": 1, "ray.num_cpus": 2, "ray.num_workers": 2,
-        "ray.cpus_per_actor": 0.5, "algorithm.truncated_reward": "null"}
+        "ray.cpus_per_actor": 0.5, "algorithm.truncated_reward": "null", **extra}
     assert main(["train", "--launcher", "ray", *[f"{k}={v}" for k, v in overrides.items()]]) == 0
     rows = [r for r in read_metrics(out) if "weight_sync/seconds" in r]
     assert [r["step"] for r in rows] == [1, 2]
+    assert (out / "checkpoints").is_dir()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def one_trainer_rows(tiny_policy, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        return _ray_run(tiny_policy, tmp_path_factory.mktemp("ray") / "run", mp)
+
+
+def test_ray_launch_two_steps_probe_matches(one_trainer_rows):
     from trainer.weight_sync import shm
 
     on_shm = shm.fits(shm.DEFAULT_SHM_DIR, 1 << 20)  # one machine: buckets go through it
-    for r in rows:
+    for r in one_trainer_rows:
         assert r["weight_sync/probe_max_abs_diff"] < 1e-5
         assert r["weight_sync/shared_memory"] == int(on_shm) and r["weight_sync/bytes"] > 0
         assert math.isfinite(r["train/loss"]) and r["train/grad_norm"] > 0  # weights moved
-    assert (out / "checkpoints").is_dir()
+
+
+def test_two_fsdp2_trainers_train_like_one(one_trainer_rows, tiny_policy, tmp_path,
+                                           monkeypatch):
+    """ray.num_trainers=2: the policy sharded over two trainer actors (FSDP2 over gloo)
+    takes the same steps: same rollouts, losses and gradient norms to rounding, and the
+    workers run the gathered weights (probe)."""
+    rows = _ray_run(tiny_policy, tmp_path / "run", monkeypatch, **{"ray.num_trainers": 2})
+    for one, two in zip(one_trainer_rows, rows):
+        assert two["weight_sync/probe_max_abs_diff"] < 1e-5
+        assert two["reward/mean"] == one["reward/mean"]
+        assert two["response/mean_tokens"] == one["response/mean_tokens"]
+        for k in ("train/loss", "train/grad_norm", "train/entropy"):
+            assert two[k] == pytest.approx(one[k], rel=1e-4, abs=1e-6), k
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(ckpt))  # rank 0 wrote the gathered weights
 
 
 class _FakeWorker:

@@ -270,10 +270,11 @@ def _embedded_run(engine_path, model):
 
     from engine import Engine
     from trainer.config import load_config
+    from trainer.parallel import SINGLE
 
     cfg = load_config(None, ["rollout.weight_sync_probe=true"])
     return types.SimpleNamespace(engine=Engine(engine_path, page_size=4, max_kv_tokens=256),
-                                 model=model, cfg=cfg)
+                                 model=model, cfg=cfg, dp=SINGLE)
 
 
 def test_embedded_sync_logs_a_probe_difference_under_1e5(qwen2, trainer_model):

@@ -1,0 +1,185 @@
+"""Data-parallel training (trainer/parallel.py): two CPU processes over gloo with FSDP2 take
+the same policy-update step as one process, to float32 rounding (gradients summed over
+ranks, a rank with no samples left joining the collectives at weight 0, old logprobs
+recomputed by shares, a sharded KL reference); the full state and the optimizer state
+gather on rank 0 and load back."""
+
+import copy
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from tests.helpers import make_checkpoint
+from trainer.config import load_config
+from trainer.data import Problem
+from trainer.parallel import SINGLE
+from trainer.rollout import Group
+from trainer.update import micro_batches
+
+OVERRIDES = ["algorithm.num_mini_batches=2", "optim.micro_batch_size=1",
+             "algorithm.old_logprobs=recompute", "algorithm.kl_coef=0.1",
+             "algorithm.entropy_coef=0.01", "optim.grad_clip=0.5"]
+
+
+def _groups(seed: int = 0) -> list[Group]:
+    """Two groups of 3 samples with mixed rewards; behaviour logprobs near the policy's
+    (random offsets, so some ratios clip)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi, rewards in enumerate([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]):
+        prompt = torch.randint(3, 100, (4 + gi,), generator=g).tolist()
+        responses = [torch.randint(3, 100, (3 + j,), generator=g).tolist() for j in range(3)]
+        behaviour = [(-4.0 + 0.3 * torch.randn(len(r), generator=g)).tolist()
+                     for r in responses]
+        out.append(Group(Problem(f"p{gi}", "1", "math"), prompt, responses, behaviour,
+                         ["stop"] * 3, torch.tensor(rewards)))
+    return out
+
+
+def _step(model, ref, cfg, dp):
+    from trainer.update import policy_update
+
+    # weight change = a fixed linear function of the (clipped) gradients of both steps
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    gen = torch.Generator().manual_seed(5)
+    return policy_update(model, opt, sched, _groups(), cfg, 0, ref, gen, dp), opt
+
+
+def _rank(rank: int, path: str, port: int, queue) -> None:
+    torch.set_num_threads(1)
+    from trainer.parallel import (
+        broadcast_object,
+        close_group,
+        full_state,
+        init_group,
+        load_optimizer_state,
+        optimizer_state,
+        shard,
+    )
+    from trainer.policy import load_policy
+
+    dp = init_group(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"), 60)
+    model = shard(load_policy(path), dp, torch.device("cpu"))
+    ref = shard(load_policy(path).eval(), dp, torch.device("cpu"))
+    cfg = load_config(None, OVERRIDES)
+    metrics, opt = _step(model, ref, cfg, dp)
+    state = full_state(model, dp)
+    saved = broadcast_object(optimizer_state(model, opt, dp), dp)  # as if read from a file
+    momentum = [opt.state[p]["momentum_buffer"].to_local().clone() for p in model.parameters()]
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"].zero_()
+    load_optimizer_state(model, opt, saved, dp)
+    restored = all(torch.equal(opt.state[p]["momentum_buffer"].to_local(), m)
+                   for p, m in zip(model.parameters(), momentum))
+    if rank == 0:
+        queue.put((metrics, {k: v.numpy().copy() for k, v in state.items()}, restored))
+    else:
+        queue.put((len(state), restored))
+    close_group(dp)
+
+
+def test_micro_batches_give_every_rank_the_same_count():
+    from trainer.parallel import DataParallel
+
+    items = list(range(5))
+    assert micro_batches(items, 2) == [[0, 1], [2, 3], [4]]
+    r0 = micro_batches(items, 1, DataParallel(0, 2))
+    r1 = micro_batches(items, 1, DataParallel(1, 2))
+    assert r0 == [[0], [2], [4]] and r1 == [[1], [3], []]
+    assert micro_batches([7], 4, DataParallel(1, 3)) == [[]]
+    assert micro_batches([], 4, DataParallel(0, 2)) == []
+    with pytest.raises(ValueError, match="rank 2 outside world size 2"):
+        DataParallel(2, 2)
+
+
+def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
+    from trainer.policy import load_policy
+    from trainer.weight_sync.channel import free_port
+
+    path = str(tmp_path / "policy")
+    make_checkpoint(path, "qwen2", seed=3, tie_word_embeddings=True)
+    cfg = load_config(None, OVERRIDES)
+    model = load_policy(path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    single, _ = _step(model, copy.deepcopy(model).eval(), cfg, SINGLE)
+    expected = {n: p.detach() for n, p in model.named_parameters()}
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_rank, args=(r, path, port, queue), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    (metrics, state, restored), = [g for g in got if len(g) == 3]
+    assert [g for g in got if len(g) == 2] == [(0, True)]  # full state on rank 0 only
+    assert restored  # each rank got its shard of the optimizer state back
+    assert set(state) == set(expected)
+    moved = max(float((expected[n] - before[n]).abs().max()) for n in expected)
+    assert moved > 1e-3  # the step changed the weights, so the comparison means something
+    for n, t in expected.items():
+        torch.testing.assert_close(torch.from_numpy(state[n]), t, atol=2e-6, rtol=1e-5,
+                                   msg=n)
+    for k in ("train/loss", "train/pg_loss", "train/kl", "train/entropy",
+              "train/clip_fraction", "train/grad_norm"):
+        assert metrics[k] == pytest.approx(single[k], rel=1e-4, abs=1e-7), k
+
+
+def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: int,
+              queue) -> None:
+    """One rank of a 2-rank run of the loop (rank 0 with a local engine)."""
+    torch.set_num_threads(1)
+    from tests.trainer.test_loop import _cfg
+    from trainer.loop import train
+    from trainer.parallel import close_group, init_group
+
+    dp = init_group(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"), 120)
+    cfg = _cfg(path, out, steps=steps, **{"eval.every": 1, "checkpoint_every": 2,
+                                          "algorithm.kl_coef": 0.1,
+                                          "algorithm.num_mini_batches": 2})
+    try:
+        train(cfg, resume=out if resume else None, dp=dp)
+        queue.put((rank, "ok"))
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        queue.put((rank, repr(err)))
+    finally:
+        close_group(dp)
+
+
+def _run_two_ranks(path, out, steps, resume=False):
+    from trainer.weight_sync.channel import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_dp_train, args=(r, path, str(out), steps, resume, port,
+                                                 queue), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert results == [(0, "ok"), (1, "ok")]
+
+
+def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
+    """The loop over two FSDP2 ranks (KL reference sharded too), stopped after its step-2
+    checkpoint and resumed to step 3, logs what an uninterrupted 3-step run logs."""
+    from tests.trainer.test_loop import _comparable
+    from trainer.checkpoint import load_state
+    from trainer.metrics import read_metrics
+
+    _run_two_ranks(tiny_policy, tmp_path / "straight", 3)
+    _run_two_ranks(tiny_policy, tmp_path / "split", 2)
+    state = load_state(tmp_path / "split" / "checkpoints" / "step-000002")
+    assert state["data_parallel"] and (tmp_path / "split" / "checkpoints" / "step-000002" /
+                                       "reference.pt").is_file()
+    _run_two_ranks(tiny_policy, tmp_path / "split", 3, resume=True)
+    want, got = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "split")
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert all(r["train/grad_norm"] > 0 for r in got if r["step"])
+    assert _comparable(got) == _comparable(want)

@@ -1,0 +1,215 @@
+"""The trainer's data-parallel group: FSDP2 (`torch.distributed.fsdp.fully_shard`) over
+trainer ranks, one GPU each on CUDA (NCCL) or one process each on CPU (gloo).
+
+Rank 0 runs the loop (rollouts, verifiers, metrics, evaluation, the weight sync to the
+rollout engines); every rank holds a shard of the policy, its optimizer state and, with
+KL, of the reference. Each step the kept groups reach every rank (`broadcast_object`),
+every rank trains on its share of each mini-batch, and FSDP2 sums the gradients. This
+group is the default process group of each trainer process; the weight-sync group is a
+separate one (trainer/weight_sync), so the two never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Where this process sits in the trainer's data-parallel group (1 rank: no group)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"data-parallel rank {self.rank} outside world size "
+                             f"{self.world_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This rank's items of a list every rank holds in the same order."""
+        return items[self.rank::self.world_size]
+
+
+SINGLE = DataParallel()
+
+
+def init_group(rank: int, world_size: int, address: str, device: torch.device,
+               timeout_s: float) -> DataParallel:
+    """Joins the trainers' process group at `address` ("host:port"): NCCL on CUDA, gloo
+    on CPU. `timeout_s` bounds how long a rank waits for rank 0 (rollouts and evaluation
+    happen there while the others wait)."""
+    import torch.distributed as dist
+
+    dp = DataParallel(rank, world_size)
+    if dp.enabled:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return dp
+
+
+def close_group(dp: DataParallel) -> None:
+    import torch.distributed as dist
+
+    if dp.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over the data-parallel group: each decoder layer is one unit, the rest
+    (embeddings, final norm, a tied or untied LM head) the root unit. Gradients are summed
+    over ranks, not averaged: every rank's loss is already divided by the token count of
+    the whole mini-batch."""
+    if not dp.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trainer.policy import SCORER_ATTR, Scorer
+
+    mesh = init_device_mesh(device.type, (dp.world_size,))
+    units = [fully_shard(layer, mesh=mesh) for layer in _decoder_layers(model)]
+    scorer = Scorer(model)
+    # The root stays gathered from forward to backward: the LM head's chunks are
+    # recomputed in backward (activation checkpointing) and read its weight again.
+    units.append(fully_shard(scorer, mesh=mesh, reshard_after_forward=False))
+    for unit in units:  # each unit reduces its own gradients: every one must sum
+        unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
+        unit.set_gradient_divide_factor(1.0)
+    object.__setattr__(model, SCORER_ATTR, scorer)  # a plain attribute, not a submodule
+    return model
+
+
+def _root(model: torch.nn.Module) -> torch.nn.Module:
+    from trainer.policy import SCORER_ATTR
+
+    return getattr(model, SCORER_ATTR)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no model.layers to shard (FSDP2 expects a "
+                         "decoder-only Hugging Face model)")
+    return list(layers)
+
+
+def full_state(model: torch.nn.Module, dp: DataParallel) -> dict[str, torch.Tensor]:
+    """Collective when sharded: the full parameters by HF name, on the CPU of rank 0 (an
+    empty dict on other ranks); without a group, the parameters themselves."""
+    if not dp.enabled:
+        return {n: p.detach() for n, p in model.named_parameters()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(_root(model), options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    names = {n for n, _ in model.named_parameters()}  # drops a tied head's second name
+    state = {k.removeprefix("policy."): t for k, t in state.items()}
+    return {n: t for n, t in state.items() if n in names}
+
+
+def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                    dp: DataParallel) -> None:
+    """Every rank loads full parameters by HF name (each keeps its shard)."""
+    if not dp.enabled:
+        model.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(_root(model), {f"policy.{k}": v for k, v in state.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """An unsharded CPU model of `model`'s class and config holding the full `state` (for
+    checks on rank 0, such as the weight-sync probe)."""
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    missing, unexpected = copy.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"full state does not fit {type(copy).__name__}: missing "
+                         f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    return copy
+
+
+def optimizer_state(model, optimizer, dp: DataParallel) -> dict:
+    """Collective when sharded: the optimizer's full state on rank 0 (so a checkpoint
+    holds one plain state dict whatever the number of ranks)."""
+    if not dp.enabled:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    return get_optimizer_state_dict(_root(model), optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state: dict, dp: DataParallel) -> None:
+    """Every rank loads the full state saved by `optimizer_state` (each keeps its shard)."""
+    if not dp.enabled:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(_root(model), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def broadcast_object(obj, dp: DataParallel):
+    """Rank 0's `obj` on every rank (pickled; for the step's groups and small messages)."""
+    if not dp.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if dp.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj, dp: DataParallel) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dp.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dp.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_metrics(values: dict[str, float], dp: DataParallel) -> dict[str, float]:
+    """Sum over ranks of dicts of floats (collective; a key some rank lacks counts 0 there:
+    a rank whose share of a step was empty has no statistics of its own)."""
+    if not dp.enabled:
+        return values
+    total: dict[str, float] = {}
+    for part in all_gather_objects(values, dp):
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
+def total_norm(norm) -> float:
+    """A float of what clip_grad_norm_ returns (a DTensor when parameters are sharded)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
