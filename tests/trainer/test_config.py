@@ -36,6 +36,9 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("rollout.n=abc", "rollout.n must be int"), ("rollout.n=0", "n must be > 0"),
     ("algorithm.advantage", "not of the form key=value"), ("steps=1.5", "steps must be int"),
     ("algorithm.tis=clip", "tis must be one of"), ("optim.lr=fast", "optim.lr must be float"),
+    ("ray.num_trainers=2", "num_trainers=2 needs launcher=ray"),
+    ("ray.trainer_gpus=2", "trainer_gpus=2.*set ray.num_trainers"),
+    ("ray.num_trainers=0", "num_trainers must be > 0"),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):
