@@ -161,6 +161,7 @@ class OptimConfig:
     lr: float = _f(1e-4, "AdamW learning rate (before scale_lr)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon (larger: small, noisy gradients take smaller steps)")
     grad_clip: float = _f(1.0, "max global grad norm (0: off)")
     warmup_steps: int = _f(0, "linear warm-up steps")
     schedule: str = _f("constant", "constant | cosine")
@@ -170,7 +171,7 @@ class OptimConfig:
     logprob_chunk: int = _f(1024, "tokens per chunk of the LM head's log-softmax")
 
     def __post_init__(self) -> None:
-        _positive(self, "lr", "micro_batch_size", "logprob_chunk", "lr_reference_samples")
+        _positive(self, "lr", "eps", "micro_batch_size", "logprob_chunk", "lr_reference_samples")
         _choice(self, "schedule", ("constant", "cosine"))
 
 

@@ -127,7 +127,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     model = shard(model, dp, device)
     ref_model = shard(ref_model, dp, device) if ref_model is not None else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler, stream, held_out,
               pool, metrics, tokenizer.pad_token_id or 0, dp)
