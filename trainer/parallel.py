@@ -123,9 +123,10 @@ def full_state(model: torch.nn.Module, dp: DataParallel) -> dict[str, torch.Tens
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
                     dp: DataParallel) -> None:
-    """Every rank loads full parameters by HF name (each keeps its shard)."""
+    """Every rank loads full parameters by HF name (each keeps its shard); without a
+    group, a whole state dict as the module's own `load_state_dict` takes it."""
     if not dp.enabled:
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
