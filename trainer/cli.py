@@ -68,7 +68,9 @@ def _train(args) -> int:
               f"{before['eval/mean_at_k']:.3f} before -> {after['eval/mean_at_k']:.3f} after "
               f"({100 * (after['eval/mean_at_k'] - before['eval/mean_at_k']):+.1f} points); "
               f"pass@{k} {before['eval/pass_at_k']:.3f} -> {after['eval/pass_at_k']:.3f}; "
-              f"run dir {args.resume or cfg.output_dir}")
+              + (f"greedy {before['eval/greedy']:.3f} -> {after['eval/greedy']:.3f}; "
+                 if "eval/greedy" in before and "eval/greedy" in after else "")
+              + f"run dir {args.resume or cfg.output_dir}")
     return 0
 
 

@@ -182,6 +182,7 @@ class EvalConfig:
     temperature: float = _f(0.6, "evaluation temperature (BroRL: 0.6)")
     top_p: float = _f(0.95, "evaluation nucleus sampling (BroRL: 0.95)")
     max_tokens: int = _f(64, "evaluation response cap")
+    greedy: bool = _f(True, "also score one greedy answer per problem (eval/greedy)")
 
     def __post_init__(self) -> None:
         _positive(self, "k", "max_tokens")

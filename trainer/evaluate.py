@@ -1,5 +1,6 @@
 """Held-out evaluation, as the BroRL blog reports it: accuracy averaged over k samples per
-problem (mean@k), pass@k, and mean response tokens."""
+problem (mean@k), pass@k, and mean response tokens; and the score of the greedy answer,
+which tells sharpening (mean@k at temperature 1 rises, greedy does not) from learning."""
 
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ def evaluate(engine, problems: list[Problem], cfg: TrainConfig, pool,
     mean_at_k = sum(float(g.rewards.mean()) for g in groups) / len(groups)
     passed = sum(pass_at_k(g.n, int((g.rewards >= 1.0 - 1e-9).sum()), g.n) for g in groups)
     tokens = [len(ids) for g in groups for ids in g.response_ids]
-    return {"eval/mean_at_k": mean_at_k, "eval/pass_at_k": passed / len(groups),
-            "eval/mean_response_tokens": sum(tokens) / len(tokens), "eval/k": e.k,
-            "eval/problems": len(groups)}
+    out = {"eval/mean_at_k": mean_at_k, "eval/pass_at_k": passed / len(groups),
+           "eval/mean_response_tokens": sum(tokens) / len(tokens), "eval/k": e.k,
+           "eval/problems": len(groups)}
+    if e.greedy:
+        greedy = generate_groups(engine, problems, cfg, seeds, pool, 1, 0.0, 1.0, -1,
+                                 e.max_tokens)
+        out["eval/greedy"] = sum(float(g.rewards[0]) for g in greedy) / len(greedy)
+    return out

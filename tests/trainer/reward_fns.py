@@ -8,3 +8,9 @@ def digit_fraction(item: VerifyItem) -> float:
     random tiny model are rarely all equal (dynamic sampling keeps them)."""
     text = item.response
     return sum(c.isdigit() for c in text) / max(1, len(text))
+
+
+def char_hash(item: VerifyItem) -> float:
+    """A score in [0, 1) that differs between almost any two responses (tests that compare
+    scores must see a spread)."""
+    return (sum(ord(c) * (i + 1) for i, c in enumerate(item.response)) % 997) / 997
