@@ -166,13 +166,11 @@ def train_step(run: Run) -> dict:
     run.elapsed_s += time.perf_counter() - start
     metrics["elapsed_s"] = run.elapsed_s
     metrics["step_seconds"] = time.perf_counter() - start
-    if not run.dp.is_main:
-        pass
-    elif cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.steps:
-        _log_eval(run, step, metrics)
-    else:
-        run.metrics.log(step, metrics)
     if run.dp.is_main:
+        if cfg.eval.every and step % cfg.eval.every == 0 or step == cfg.steps:
+            _log_eval(run, step, metrics)
+        else:
+            run.metrics.log(step, metrics)
         _console(step, cfg.steps, metrics)
     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
         _checkpoint(run)

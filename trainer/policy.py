@@ -125,7 +125,3 @@ def token_logprobs_ref(model, ids: torch.Tensor, targets: torch.Tensor, mask: to
     ent = -(logp.exp() * logp).sum(-1)
     return lp * mask, ent * mask
 
-
-def named_weights(model):
-    """(HF name, tensor) pairs as the engine's `update_weights` expects them."""
-    return [(name, p.detach()) for name, p in model.named_parameters()]

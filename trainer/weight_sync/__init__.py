@@ -8,7 +8,7 @@ packed tensors; see protocol.py), three transports chosen by name:
 
     sender = make_sender("gloo", host=..., port=..., world_size=1 + workers)
     receiver = make_receiver("gloo", engine, host=..., port=..., rank=i, world_size=...)
-    sender.send(named_weights(model), version=step)   # while each worker calls receive()
+    sender.send(model.named_parameters(), version=step)  # while each worker calls receive()
 """
 
 from __future__ import annotations

@@ -63,8 +63,10 @@ class Channel(ABC):
 
     def notify(self, index: int) -> None:
         """Collective: rank 0 says shared buffer `index` is written; the other ranks return
-        once it is (and raise if the group is out of step)."""
-        raise NotImplementedError(f"the {self.name} channel has no shared buffers")
+        once it is (and raise if the group is out of step). Only valid after
+        `shared_buffers` returned buffers, which this base channel never does."""
+        raise RuntimeError(f"notify({index}) on the {self.name} channel, which shares no "
+                           "memory: broadcast the bucket instead")
 
     def close(self) -> None:  # noqa: B027 - optional hook; a channel may hold nothing
         """Releases the group's resources."""
@@ -109,6 +111,8 @@ class GlooChannel(Channel):
         self._segment: shm.Segment | None = None
         self._shm_token: str | None = None
         self._shm_off = False  # rank 0: a peer could not map a segment; use TCP from now on
+        self._generation = 0  # rank 0: segments created so far (names never repeat)
+        self._room_warned = False
         if rank == 0:
             self._shm_token = shm.new_token()
             self._store.set(f"{prefix}/shm_token", self._shm_token)
@@ -171,14 +175,16 @@ class GlooChannel(Channel):
         if seg is not None and seg.capacity >= total:
             return seg
         self._segment = None  # drop the small one before mapping a larger one
-        generation = seg.generation + 1 if seg else 1
         if not shm.fits(self.shm_dir, total):
-            log.warning("weight sync: %s has no room for %.0f MB of shared buckets; sending "
-                        "weights over gloo TCP", self.shm_dir, total / 1e6)
+            if not self._room_warned:
+                log.warning("weight sync: %s has no room for %.0f MB of shared buckets; "
+                            "sending weights over gloo TCP", self.shm_dir, total / 1e6)
+                self._room_warned = True
             return None
+        self._generation += 1
         try:
-            self._segment = shm.Segment.create(self.shm_dir, self._shm_token, generation,
-                                               max(total, shm.ALIGN))
+            self._segment = shm.Segment.create(self.shm_dir, self._shm_token,
+                                               self._generation, max(total, shm.ALIGN))
         except (OSError, RuntimeError) as err:
             log.warning("weight sync: no shared-memory segment in %s (%s); sending weights "
                         "over gloo TCP", self.shm_dir, err)
