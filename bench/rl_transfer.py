@@ -2,10 +2,14 @@
 of prompts, scoring after every step both those prompts and the held-out set, at
 temperature 1 (mean of 256 / 32 samples) and greedy.
 
-    python bench/rl_transfer.py demo.sft_label_smoothing=0.0   # as in the README
     python bench/rl_transfer.py                                # the shipped demo config
+    python bench/rl_transfer.py --out bench/results/rl-transfer-cpu-full-warm-start.json \
+        demo.sft_cut_short=0 demo.sft_steps=500 \
+        "demo.task_kwargs={min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 2}" \
+        "data.gym_kwargs={min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 2}"
+        # a warm start that always works the whole chain, on two-digit numbers
 
-Writes bench/results/rl-transfer-cpu.json (device, versions, date, per-step rows). The
+Writes bench/results/rl-transfer-cpu.json, or --out (device, versions, date, per-step rows). The
 trainer is the real one (`trainer.loop.train_step`); only the data stream is replaced by
 the same `rollout.prompts_per_step` prompts every step.
 """
@@ -59,7 +63,13 @@ def main() -> None:
     from trainer import loop
     from trainer.config import load_config
 
-    overrides = sys.argv[1:]
+    args = sys.argv[1:]
+    out = ROOT / "bench" / "results" / "rl-transfer-cpu.json"
+    if "--out" in args:
+        i = args.index("--out")
+        out = Path(args[i + 1])
+        del args[i:i + 2]
+    overrides = args
     out_dir = "/tmp/brorl-rl-transfer"
     cfg = load_config(None, [f"output_dir={out_dir}", "progress=false", "eval.every=0",
                              "checkpoint_every=1000", "rollout.dynamic_sampling=false",
@@ -86,7 +96,6 @@ def main() -> None:
                   config=dict(overrides=overrides, prompts=len(trained),
                               held_out=len(run.held_out), n=cfg.rollout.n, steps=cfg.steps),
                   rows=rows)
-    out = ROOT / "bench" / "results" / "rl-transfer-cpu.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 

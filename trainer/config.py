@@ -23,8 +23,8 @@ def _f(default, help: str, **kw):
 class DemoConfig:
     """The demo policy built when model.path is "demo" (see trainer/demo.py)."""
 
-    task_kwargs: dict = _f({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
-                           "reasoning-gym chain_sum difficulty")
+    task_kwargs: dict = _f({"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1},
+                           "reasoning-gym chain_sum difficulty of the warm start's problems")
     hidden_size: int = _f(128, "model width")
     intermediate_size: int = _f(384, "MLP width")
     num_layers: int = _f(4, "decoder layers")
@@ -32,17 +32,20 @@ class DemoConfig:
     num_kv_heads: int = _f(2, "KV heads (GQA)")
     max_position_embeddings: int = _f(256, "context length")
     sft_examples: int = _f(20000, "worked solutions generated for the warm start")
-    sft_steps: int = _f(500, "supervised warm-start steps")
+    sft_steps: int = _f(800, "supervised warm-start steps")
     sft_batch_size: int = _f(64, "warm-start batch size")
     sft_lr: float = _f(3e-3, "warm-start peak learning rate")
-    sft_label_smoothing: float = _f(0.1, "warm-start label smoothing: keeps the policy's "
-                                     "sampling spread out (exploration) for RL to sharpen")
+    sft_label_smoothing: float = _f(0.0, "warm-start label smoothing")
+    sft_cut_short: float = _f(0.65, "fraction of the warm start's worked solutions that "
+                               "answer after the first operation (a careless solver's slip)")
     seed: int = _f(1234, "seed of the warm start and of its examples")
     cache_dir: str = _f("~/.cache/brorl/demo", "where built demo checkpoints are kept")
 
     def __post_init__(self) -> None:
         _positive(self, "hidden_size", "intermediate_size", "num_layers", "num_heads",
                   "num_kv_heads", "sft_examples", "sft_steps", "sft_batch_size")
+        if not 0.0 <= self.sft_cut_short <= 1.0:
+            raise ValueError(f"demo.sft_cut_short must be in [0, 1], got {self.sft_cut_short}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError("demo.num_heads must be a multiple of demo.num_kv_heads")
 

@@ -33,20 +33,34 @@ EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<unk>"
 _PIECES = r" ?<[/a-z]+>| ?[A-Za-z]+| ?\d| ?[^\sA-Za-z\d]|\s+"
 
 
-def worked_solution(expression: str) -> str:
+def worked_solution(expression: str, clauses_written: int | None = None) -> str:
     """'12 + 7 - 5' -> ' 12 + 7 = 19 , 19 - 5 = 14 <answer>14</answer>': left to right,
-    one operation per clause, the answer in the tags reasoning-gym's scorers read."""
+    one operation per clause, the answer in the tags reasoning-gym's scorers read.
+
+    `clauses_written=k` cuts the solution short, as a careless solver does: it answers
+    with the running total after k operations ('12 + 7 = 19 <answer>19</answer>'), which
+    is wrong whenever operations are left."""
     parts = expression.split()
     if len(parts) < 3 or len(parts) % 2 == 0:
         raise ValueError(f"not a chain_sum expression: {expression!r}")
+    if clauses_written is not None and clauses_written < 1:
+        raise ValueError(f"clauses_written must be at least 1, got {clauses_written}")
     total, clauses = int(parts[0]), []
-    for op, num in zip(parts[1::2], parts[2::2]):
+    for op, num in list(zip(parts[1::2], parts[2::2]))[:clauses_written]:
         if op not in "+-":
             raise ValueError(f"unknown operator {op!r} in {expression!r}")
         new = total + int(num) if op == "+" else total - int(num)
         clauses.append(f"{total} {op} {num} = {new}")
         total = new
     return " " + " , ".join(clauses) + f" <answer>{total}</answer>"
+
+
+def warm_start_targets(expressions: list[str], cfg: DemoConfig) -> list[str]:
+    """The warm start's worked solutions: a `cfg.sft_cut_short` fraction of them (drawn by
+    seed) answer after the first operation, the rest work the whole chain."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    cut = (torch.rand(len(expressions), generator=g) < cfg.sft_cut_short).tolist()
+    return [worked_solution(e, 1 if c else None) for e, c in zip(expressions, cut)]
 
 
 def build_tokenizer(texts: list[str]):
@@ -75,7 +89,7 @@ def task_problems(cfg: DemoConfig, size: int, seed: int) -> list[dict]:
 
 
 # Bump when the warm-start recipe (code, not config) changes, so stale caches are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 def cache_key(cfg: DemoConfig) -> str:
@@ -111,7 +125,7 @@ def build_demo_policy(cfg: DemoConfig, out_dir: str, progress: bool = True) -> N
 
     problems = task_problems(cfg, cfg.sft_examples, cfg.seed)
     prompts = [p["question"] for p in problems]
-    targets = [worked_solution(p["metadata"]["expression"]) for p in problems]
+    targets = warm_start_targets([p["metadata"]["expression"] for p in problems], cfg)
     tokenizer = build_tokenizer(prompts + targets)
     torch.manual_seed(cfg.seed)
     model_cfg = Qwen2Config(

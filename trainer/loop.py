@@ -281,6 +281,10 @@ def _initial_policy(cfg: TrainConfig) -> str:
     if cfg.model.path == "demo":
         from trainer.demo import demo_policy
 
+        if cfg.data.train == "gym:chain_sum" and cfg.data.gym_kwargs != cfg.demo.task_kwargs:
+            log.warning("the demo policy is warm-started on chain_sum %s but trains and "
+                        "evaluates on %s (demo.task_kwargs vs data.gym_kwargs)",
+                        cfg.demo.task_kwargs, cfg.data.gym_kwargs)
         return demo_policy(cfg.demo, cfg.progress)
     if not (Path(cfg.model.path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a checkpoint directory "

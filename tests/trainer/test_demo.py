@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from trainer.config import DemoConfig
-from trainer.demo import build_tokenizer, demo_policy, task_problems, worked_solution
+from trainer.demo import (
+    build_tokenizer,
+    demo_policy,
+    task_problems,
+    warm_start_targets,
+    worked_solution,
+)
 from trainer.evaluate import pass_at_k
 
 
@@ -14,6 +20,32 @@ def test_worked_solution_is_left_to_right_and_tagged():
     assert worked_solution("12 + 7 - 25") == " 12 + 7 = 19 , 19 - 25 = -6 <answer>-6</answer>"
     with pytest.raises(ValueError, match="not a chain_sum expression"):
         worked_solution("4 -")
+
+
+def test_worked_solution_cut_short_answers_the_running_total():
+    assert worked_solution("12 + 7 - 25", 1) == " 12 + 7 = 19 <answer>19</answer>"
+    assert worked_solution("1 + 2 + 3 - 4", 2) == " 1 + 2 = 3 , 3 + 3 = 6 <answer>6</answer>"
+    assert worked_solution("4 - 1", 5) == worked_solution("4 - 1")  # nothing left to cut
+    with pytest.raises(ValueError, match="clauses_written must be at least 1"):
+        worked_solution("4 - 1", 0)
+
+
+def test_warm_start_targets_cut_the_configured_fraction_by_seed():
+    exprs = [f"{i % 10} + {i % 7} - {i % 3}" for i in range(2000)]
+    cfg = DemoConfig(sft_cut_short=0.65)
+    targets = warm_start_targets(exprs, cfg)
+    cut = [t.count(" = ") == 1 for t in targets]
+    assert abs(sum(cut) / len(cut) - 0.65) < 0.04
+    for e, t, c in zip(exprs, targets, cut):
+        assert t == worked_solution(e, 1 if c else None)
+    assert warm_start_targets(exprs, cfg) == targets  # deterministic by seed
+    assert warm_start_targets(exprs, DemoConfig(sft_cut_short=0.65, seed=5)) != targets
+    assert warm_start_targets(exprs, DemoConfig(sft_cut_short=0.0)) == [
+        worked_solution(e) for e in exprs]
+    always = warm_start_targets(exprs, DemoConfig(sft_cut_short=1.0))
+    assert all(t.count(" = ") == 1 for t in always)
+    with pytest.raises(ValueError, match="demo.sft_cut_short"):
+        DemoConfig(sft_cut_short=1.5)
 
 
 def test_worked_solutions_match_reasoning_gym_answers():
