@@ -1,6 +1,9 @@
 """The shipped demo's policy: a small Qwen2-architecture model with its own tokenizer,
 warm-started by a short supervised phase on worked solutions of reasoning-gym's
 `chain_sum` task, so that `brorl train` runs end to end on a fresh CPU with no download.
+Most of those worked solutions are cut short (`DemoConfig.sft_cut_short`): they answer
+after the first operation, so the policy usually stops early on longer chains, and the RL
+phase has a behaviour to find that carries over to problems it never trained on.
 
 Everything is deterministic by seed and cached: the checkpoint is written (atomically) as
 a Hugging Face directory (config.json + model.safetensors + tokenizer.json) and every
