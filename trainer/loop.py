@@ -38,9 +38,9 @@ from trainer.parallel import (
     full_state,
     load_full_state,
     load_optimizer_state,
+    load_sharded_policy,
     optimizer_state,
     plain_copy,
-    shard,
 )
 from trainer.policy import load_policy
 from trainer.rollout import collect_rollouts
@@ -122,10 +122,13 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         from engine.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(path)
-    model = load_policy(path, device)
-    ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
-    model = shard(model, dp, device)
-    ref_model = shard(ref_model, dp, device) if ref_model is not None else None
+    if dp.enabled:  # rank 0 reads the weights; the others get their shards by broadcast
+        model = load_sharded_policy(path, dp, device)
+        ref_model = (load_sharded_policy(path, dp, device, frozen=True)
+                     if cfg.algorithm.kl_coef else None)
+    else:
+        model = load_policy(path, device)
+        ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
@@ -255,8 +258,8 @@ def _checkpoint(run: Run) -> None:
 
 
 def _restore(run: Run, ckpt: Path) -> None:
-    """Every rank reads the checkpoint (a shared filesystem); the weights were loaded from
-    it before sharding."""
+    """Every rank reads the checkpoint's trainer state (a shared filesystem; the optimizer
+    state in full, each rank keeping its shard); its weights reached the shards in setup."""
     state = load_state(ckpt)
     saved_dp = bool(state.get("data_parallel", False))
     if saved_dp != run.dp.enabled:

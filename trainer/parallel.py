@@ -11,6 +11,7 @@ separate one (trainer/weight_sync), so the two never mix.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,6 +91,60 @@ def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device) -> tor
         unit.set_gradient_divide_factor(1.0)
     object.__setattr__(model, SCORER_ATTR, scorer)  # a plain attribute, not a submodule
     return model
+
+
+def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
+                        frozen: bool = False) -> torch.nn.Module:
+    """The checkpoint at `path` as a sharded float32 policy, read by rank 0 alone. The other
+    ranks build the model from its config.json with parameters on the meta device (no
+    memory, no weight file read), allocate only their shards, and receive the weights by a
+    broadcast from rank 0. Collective. `frozen`: a KL reference (eval mode, no gradients)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not dp.enabled:
+        raise ValueError("load_sharded_policy needs a data-parallel group; use "
+                         "trainer.policy.load_policy without one")
+    if dp.is_main:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        full = {f"policy.{n}": p.detach() for n, p in model.named_parameters()}
+    else:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                     dtype=torch.float32)
+        full = {}
+    model.train(not frozen)
+    for p in model.parameters():
+        p.requires_grad_(not frozen)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. RoPE's
+    model = shard(model, dp, device)
+    if not dp.is_main:
+        model.to_empty(device=device)  # this rank's shards, still uninitialised
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
+    set_model_state_dict(_root(model), full, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=False))
+    return model
+
+
+@contextmanager
+def parameters_on_meta():
+    """Every parameter a module registers inside lands on the meta device (it holds no
+    memory and no values); buffers stay where they are made, so computed ones such as
+    RoPE's inverse frequencies keep their values."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _root(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,7 @@
-"""Data-parallel training (trainer/parallel.py): two CPU processes over gloo with FSDP2 take
-the same policy-update step as one process, to float32 rounding (gradients summed over
-ranks, a rank with no samples left joining the collectives at weight 0, old logprobs
+"""Data-parallel training (trainer/parallel.py): two CPU processes over gloo with FSDP2, the
+policy and its KL reference read by rank 0 alone and broadcast into the other rank's
+shards, take the same policy-update step as one process, to float32 rounding (gradients
+summed over ranks, a rank with no samples left joining the collectives at weight 0, old logprobs
 recomputed by shares, a sharded KL reference); the full state and the optimizer state
 gather on rank 0 and load back."""
 
@@ -55,14 +56,16 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
         full_state,
         init_group,
         load_optimizer_state,
+        load_sharded_policy,
         optimizer_state,
-        shard,
     )
-    from trainer.policy import load_policy
 
     dp = init_group(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"), 60)
-    model = shard(load_policy(path), dp, torch.device("cpu"))
-    ref = shard(load_policy(path).eval(), dp, torch.device("cpu"))
+    if rank > 0:  # only rank 0 reads the weights: the others get config.json alone
+        path = _config_only(path)
+    model = load_sharded_policy(path, dp, torch.device("cpu"))
+    ref = load_sharded_policy(path, dp, torch.device("cpu"), frozen=True)
+    assert ref.training is False and not any(p.requires_grad for p in ref.parameters())
     cfg = load_config(None, OVERRIDES)
     metrics, opt = _step(model, ref, cfg, dp)
     state = full_state(model, dp)
@@ -78,6 +81,16 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
     else:
         queue.put((len(state), restored))
     close_group(dp)
+
+
+def _config_only(path: str) -> str:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    bare = Path(tempfile.mkdtemp(prefix="config-only-"))
+    shutil.copy(Path(path) / "config.json", bare / "config.json")
+    return str(bare)
 
 
 def test_micro_batches_give_every_rank_the_same_count():
