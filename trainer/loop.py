@@ -95,15 +95,15 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
 def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
           dp: DataParallel = SINGLE) -> Run:
     run_dir = Path(resume or cfg.output_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    path = None
-    if dp.is_main:
+    ckpt = path = None
+    if dp.is_main:  # only rank 0 touches the filesystem; the other ranks get what they need
+        ckpt = latest_checkpoint(run_dir) if resume else None
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
                                                                 sort_keys=False))
         path = str(ckpt) if ckpt else _initial_policy(cfg)  # rank 0 builds the demo policy
-    path = broadcast_object(path, dp)
+    resuming = broadcast_object(ckpt is not None, dp)
     device = torch.device(cfg.model.resolved_device)
     r = cfg.rollout
     engine = pool = metrics = stream = None
@@ -118,10 +118,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         stream = ProblemStream(train_set, cfg.seed)
         pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s)
         metrics = MetricsWriter(run_dir)
-    else:
-        from engine.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path)
+    pad_id = broadcast_object((tokenizer.pad_token_id or 0) if dp.is_main else None, dp)
     if dp.enabled:  # rank 0 reads the weights; the others get their shards by broadcast
         model = load_sharded_policy(path, dp, device)
         ref_model = (load_sharded_policy(path, dp, device, frozen=True)
@@ -133,8 +130,8 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler, stream, held_out,
-              pool, metrics, tokenizer.pad_token_id or 0, dp)
-    if ckpt is not None:
+              pool, metrics, pad_id, dp)
+    if resuming:
         _restore(run, ckpt)
     if dp.is_main:
         log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per "
@@ -257,24 +254,30 @@ def _checkpoint(run: Run) -> None:
     log.info("checkpoint: %s", path)
 
 
-def _restore(run: Run, ckpt: Path) -> None:
-    """Every rank reads the checkpoint's trainer state (a shared filesystem; the optimizer
-    state in full, each rank keeping its shard); its weights reached the shards in setup."""
-    state = load_state(ckpt)
-    saved_dp = bool(state.get("data_parallel", False))
-    if saved_dp != run.dp.enabled:
-        raise ValueError(f"{ckpt} holds the optimizer state of a "
+def _restore(run: Run, ckpt: Path | None) -> None:
+    """Rank 0 reads the checkpoint (`ckpt` is None on the other ranks); the others get the
+    small trainer state by a broadcast and their shards of the optimizer state (and of a
+    KL reference) from rank 0's full copies, so they need no shared filesystem."""
+    dp = run.dp
+    state = load_state(ckpt) if dp.is_main else {}
+    info = broadcast_object(
+        {**{k: v for k, v in state.items() if k != "optimizer"},
+         "has_reference": ckpt is not None and (ckpt / "reference.pt").is_file()}
+        if dp.is_main else None, dp)
+    saved_dp = bool(info.get("data_parallel", False))
+    if saved_dp != dp.enabled:  # raised on every rank alike
+        raise ValueError(f"{ckpt or 'the checkpoint'} holds the optimizer state of a "
                          f"{'data-parallel' if saved_dp else 'one-rank'} trainer; resume it "
                          f"with ray.num_trainers {'> 1' if saved_dp else '= 1'}")
-    load_optimizer_state(run.model, run.optimizer, state["optimizer"], run.dp)
-    run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
-    run.step, run.elapsed_s = int(state["step"]), float(state["elapsed_s"])
-    if run.ref_model is not None and (ckpt / "reference.pt").is_file():
-        load_full_state(run.ref_model, torch.load(ckpt / "reference.pt", map_location="cpu"),
-                        run.dp)
-    if run.dp.is_main:
-        run.stream.load_state(state["stream"])
+    load_optimizer_state(run.model, run.optimizer, state.get("optimizer", {}), dp)
+    run.scheduler.load_state_dict(info["scheduler"])
+    set_rng_state(info["rng"])
+    run.step, run.elapsed_s = int(info["step"]), float(info["elapsed_s"])
+    if run.ref_model is not None and info["has_reference"]:
+        ref = torch.load(ckpt / "reference.pt", map_location="cpu") if dp.is_main else {}
+        load_full_state(run.ref_model, ref, dp)
+    if dp.is_main:
+        run.stream.load_state(info["stream"])
         run.metrics.truncate_after(run.step)
         run.engine.policy_version = run.step
         log.info("resumed from %s (step %d)", ckpt, run.step)

@@ -95,9 +95,9 @@ def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device) -> tor
 
 def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
                         frozen: bool = False) -> torch.nn.Module:
-    """The checkpoint at `path` as a sharded float32 policy, read by rank 0 alone. The other
-    ranks build the model from its config.json with parameters on the meta device (no
-    memory, no weight file read), allocate only their shards, and receive the weights by a
+    """The checkpoint at `path` as a sharded float32 policy, read by rank 0 alone (the other
+    ranks' `path` is not read). They build the model from rank 0's config with parameters on
+    the meta device (no memory), allocate only their shards, and receive the weights by a
     broadcast from rank 0. Collective. `frozen`: a KL reference (eval mode, no gradients)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,10 +108,11 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     if dp.is_main:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         full = {f"policy.{n}": p.detach() for n, p in model.named_parameters()}
-    else:
+    config = broadcast_object(model.config.to_dict() if dp.is_main else None, dp)
+    if not dp.is_main:
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
         with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
-                                                     dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         full = {}
     model.train(not frozen)
     for p in model.parameters():
@@ -178,15 +179,17 @@ def full_state(model: torch.nn.Module, dp: DataParallel) -> dict[str, torch.Tens
 
 def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
                     dp: DataParallel) -> None:
-    """Every rank loads full parameters by HF name (each keeps its shard); without a
-    group, a whole state dict as the module's own `load_state_dict` takes it."""
+    """Collective when sharded: rank 0's full parameters by HF name reach every rank's
+    shard (the other ranks pass {}); without a group, a whole state dict as the module's
+    own `load_state_dict` takes it."""
     if not dp.enabled:
         model.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(_root(model), {f"policy.{k}": v for k, v in state.items()},
-                         options=StateDictOptions(full_state_dict=True, strict=False))
+                         options=StateDictOptions(full_state_dict=True, strict=False,
+                                                  broadcast_from_rank0=True))
 
 
 def plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -218,7 +221,8 @@ def optimizer_state(model, optimizer, dp: DataParallel) -> dict:
 
 
 def load_optimizer_state(model, optimizer, state: dict, dp: DataParallel) -> None:
-    """Every rank loads the full state saved by `optimizer_state` (each keeps its shard)."""
+    """Collective when sharded: the full state saved by `optimizer_state`, given on rank 0
+    (the other ranks pass {}), reaches every rank's shard."""
     if not dp.enabled:
         optimizer.load_state_dict(state)
         return
@@ -227,8 +231,8 @@ def load_optimizer_state(model, optimizer, state: dict, dp: DataParallel) -> Non
         set_optimizer_state_dict,
     )
 
-    set_optimizer_state_dict(_root(model), optimizer, state,
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(_root(model), optimizer, state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
 
 
 def broadcast_object(obj, dp: DataParallel):
