@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-_CLAUSE = re.compile(r"-?\d+ [+-] \d+ = -?\d+")
 SETTINGS = {"T=1.0": (1.0, 1.0), "T=0.6, top-p 0.95": (0.6, 0.95), "greedy": (0.0, 1.0)}
 
 
@@ -36,6 +34,7 @@ def terms_of(problem) -> int:
 
 def score(engine, problems, cfg, pool, k: int) -> dict:
     """{setting: {terms: {samples, accuracy, full_chain, accuracy_given_full_chain}}}."""
+    from trainer.demo import worked_operations
     from trainer.rollout import generate_groups
 
     out = {}
@@ -48,7 +47,7 @@ def score(engine, problems, cfg, pool, k: int) -> dict:
             t = terms_of(g.problem)
             r = rows.setdefault(t, [0, 0.0, 0, 0.0])
             for ids, reward in zip(g.response_ids, g.rewards.tolist()):
-                full = len(_CLAUSE.findall(engine.tokenizer.decode(ids))) == t - 1
+                full = worked_operations(engine.tokenizer.decode(ids)) == t - 1
                 r[0] += 1
                 r[1] += reward
                 r[2] += full

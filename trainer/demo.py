@@ -58,6 +58,15 @@ def worked_solution(expression: str, clauses_written: int | None = None) -> str:
     return " " + " , ".join(clauses) + f" <answer>{total}</answer>"
 
 
+_OPERATION = re.compile(r"-?\d+ [+-] \d+ = -?\d+")
+
+
+def worked_operations(text: str) -> int:
+    """How many operations a response works out ('a + b = c' clauses): a chain of t terms
+    is worked whole at t - 1."""
+    return len(_OPERATION.findall(text))
+
+
 def warm_start_targets(expressions: list[str], cfg: DemoConfig) -> list[str]:
     """The warm start's worked solutions: a `cfg.sft_cut_short` fraction of them (drawn by
     seed) answer after the first operation, the rest work the whole chain."""

@@ -10,6 +10,7 @@ from trainer.demo import (
     demo_policy,
     task_problems,
     warm_start_targets,
+    worked_operations,
     worked_solution,
 )
 from trainer.evaluate import pass_at_k
@@ -28,6 +29,14 @@ def test_worked_solution_cut_short_answers_the_running_total():
     assert worked_solution("4 - 1", 5) == worked_solution("4 - 1")  # nothing left to cut
     with pytest.raises(ValueError, match="clauses_written must be at least 1"):
         worked_solution("4 - 1", 0)
+
+
+def test_worked_operations_counts_the_clauses_of_a_response():
+    assert worked_operations(worked_solution("12 + 7 - 25")) == 2
+    assert worked_operations(worked_solution("12 + 7 - 25", 1)) == 1
+    assert worked_operations(" -3 + 4 = 1 , 1 - 9 = -8 <answer>-8</answer>") == 2
+    assert worked_operations(" <answer>19</answer>") == 0
+    assert worked_operations(" 12 + 7 = <answer>19</answer>") == 0  # no result: not worked
 
 
 def test_warm_start_targets_cut_the_configured_fraction_by_seed():
