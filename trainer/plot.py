@@ -1,5 +1,6 @@
-"""Training curves of a run as a PNG, after the BroRL blog's Figure 1: held-out accuracy,
-mean reward and the rollout pass rate (measured and predicted) against hours of training."""
+"""Training curves of a run as a PNG, after the BroRL blog's Figure 1: held-out accuracy
+(mean@k, pass@k, greedy), mean reward and the rollout pass rate (measured, predicted, and
+predicted at N=16) against hours of training."""
 
 from __future__ import annotations
 
@@ -28,11 +29,13 @@ class Panel:
 
 PANELS = (
     Panel("Held-out accuracy", "accuracy",
-          (Series("eval/mean_at_k", "mean@k"), Series("eval/pass_at_k", "pass@k"))),
+          (Series("eval/mean_at_k", "mean@k"), Series("eval/pass_at_k", "pass@k"),
+           Series("eval/greedy", "greedy", "-."))),
     Panel("Mean reward", "reward", (Series("reward/mean", "reward/mean"),)),
     Panel("Rollout pass rate", "fraction of groups kept",
           (Series("rollout/pass_rate", "measured"),
-           Series("rollout/predicted_pass_rate", "predicted", "--"))),
+           Series("rollout/predicted_pass_rate", "predicted", "--"),
+           Series("rollout/predicted_pass_rate_n16", "predicted at N=16", ":"))),
 )
 
 
