@@ -54,7 +54,8 @@ def score(engine, problems, cfg, pool, k: int) -> dict:
                 r[3] += reward if full else 0.0
         out[name] = {str(t): {"samples": s, "accuracy": round(acc / s, 4),
                               "full_chain": round(full / s, 4),
-                              "accuracy_given_full_chain": round(fa / max(full, 1), 4)}
+                              "accuracy_given_full_chain": round(fa / full, 4) if full
+                              else None}
                      for t, (s, acc, full, fa) in sorted(rows.items())}
         out[name]["all"] = {"accuracy": round(sum(r[1] for r in rows.values())
                                               / sum(r[0] for r in rows.values()), 4)}

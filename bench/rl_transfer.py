@@ -67,6 +67,8 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "rl-transfer-cpu.json"
     if "--out" in args:
         i = args.index("--out")
+        if i + 1 == len(args):
+            sys.exit("--out needs a path")
         out = Path(args[i + 1])
         del args[i:i + 2]
     overrides = args

@@ -42,16 +42,17 @@ def worked_solution(expression: str, clauses_written: int | None = None) -> str:
 
     `clauses_written=k` cuts the solution short, as a careless solver does: it answers
     with the running total after k operations ('12 + 7 = 19 <answer>19</answer>'), which
-    is wrong whenever operations are left."""
+    is wrong unless the operations left add up to 0."""
     parts = expression.split()
     if len(parts) < 3 or len(parts) % 2 == 0:
         raise ValueError(f"not a chain_sum expression: {expression!r}")
     if clauses_written is not None and clauses_written < 1:
         raise ValueError(f"clauses_written must be at least 1, got {clauses_written}")
+    for op in parts[1::2]:
+        if op not in ("+", "-"):
+            raise ValueError(f"unknown operator {op!r} in {expression!r}")
     total, clauses = int(parts[0]), []
     for op, num in list(zip(parts[1::2], parts[2::2]))[:clauses_written]:
-        if op not in "+-":
-            raise ValueError(f"unknown operator {op!r} in {expression!r}")
         new = total + int(num) if op == "+" else total - int(num)
         clauses.append(f"{total} {op} {num} = {new}")
         total = new

@@ -39,6 +39,7 @@ from trainer.parallel import (
     load_full_state,
     load_optimizer_state,
     load_sharded_policy,
+    on_main,
     optimizer_state,
     plain_copy,
 )
@@ -95,30 +96,35 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
 def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
           dp: DataParallel = SINGLE) -> Run:
     run_dir = Path(resume or cfg.output_dir)
-    ckpt = path = None
-    if dp.is_main:  # only rank 0 touches the filesystem; the other ranks get what they need
+
+    def prepare() -> tuple[Path | None, str]:
         ckpt = latest_checkpoint(run_dir) if resume else None
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
                                                                 sort_keys=False))
-        path = str(ckpt) if ckpt else _initial_policy(cfg)  # rank 0 builds the demo policy
+        return ckpt, (str(ckpt) if ckpt else _initial_policy(cfg))  # e.g. the demo policy
+
+    # only rank 0 touches the filesystem; the other ranks get what they need from it
+    ckpt, path = on_main(prepare, dp) or (None, None)
     resuming = broadcast_object(ckpt is not None, dp)
     device = torch.device(cfg.model.resolved_device)
     r = cfg.rollout
-    engine = pool = metrics = stream = None
-    train_set, held_out = [], []
-    if dp.is_main:
+
+    def rank0_parts():
         engine = (make_engine or local_engine)(path, cfg)
         if engine.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer; the trainer needs one to render "
                              "prompts")
-        tokenizer = engine.tokenizer
         train_set, held_out = load_problems(cfg.data)
-        stream = ProblemStream(train_set, cfg.seed)
-        pool = VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s)
-        metrics = MetricsWriter(run_dir)
-    pad_id = broadcast_object((tokenizer.pad_token_id or 0) if dp.is_main else None, dp)
+        return (engine, ProblemStream(train_set, cfg.seed), len(train_set), held_out,
+                VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s),
+                MetricsWriter(run_dir))
+
+    engine, stream, n_train, held_out, pool, metrics = (on_main(rank0_parts, dp)
+                                                        or (None, None, 0, [], None, None))
+    pad_id = broadcast_object((engine.tokenizer.pad_token_id or 0) if dp.is_main else None,
+                              dp)
     if dp.enabled:  # rank 0 reads the weights; the others get their shards by broadcast
         model = load_sharded_policy(path, dp, device)
         ref_model = (load_sharded_policy(path, dp, device, frozen=True)
@@ -135,7 +141,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         _restore(run, ckpt)
     if dp.is_main:
         log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per "
-                 "step%s", path, device, len(train_set), len(held_out), r.n,
+                 "step%s", path, device, n_train, len(held_out), r.n,
                  r.prompts_per_step, f"; {dp.world_size} FSDP2 trainer ranks"
                  if dp.enabled else "")
     return run
@@ -259,7 +265,7 @@ def _restore(run: Run, ckpt: Path | None) -> None:
     small trainer state by a broadcast and their shards of the optimizer state (and of a
     KL reference) from rank 0's full copies, so they need no shared filesystem."""
     dp = run.dp
-    state = load_state(ckpt) if dp.is_main else {}
+    state = on_main(lambda: load_state(ckpt), dp) or {}
     info = broadcast_object(
         {**{k: v for k, v in state.items() if k != "optimizer"},
          "has_reference": ckpt is not None and (ckpt / "reference.pt").is_file()}
@@ -274,8 +280,8 @@ def _restore(run: Run, ckpt: Path | None) -> None:
     set_rng_state(info["rng"])
     run.step, run.elapsed_s = int(info["step"]), float(info["elapsed_s"])
     if run.ref_model is not None and info["has_reference"]:
-        ref = torch.load(ckpt / "reference.pt", map_location="cpu") if dp.is_main else {}
-        load_full_state(run.ref_model, ref, dp)
+        ref = on_main(lambda: torch.load(ckpt / "reference.pt", map_location="cpu"), dp)
+        load_full_state(run.ref_model, ref or {}, dp)
     if dp.is_main:
         run.stream.load_state(info["stream"])
         run.metrics.truncate_after(run.step)

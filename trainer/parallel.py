@@ -105,35 +105,38 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     if not dp.enabled:
         raise ValueError("load_sharded_policy needs a data-parallel group; use "
                          "trainer.policy.load_policy without one")
-    if dp.is_main:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        full = {f"policy.{n}": p.detach() for n, p in model.named_parameters()}
+    model = on_main(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                    dp)
     config = broadcast_object(model.config.to_dict() if dp.is_main else None, dp)
-    if not dp.is_main:
+    full, buffers = {}, {}
+    if dp.is_main:  # every tensor of the state dict, persistent buffers included
+        full = {f"policy.{n}": t.detach() for n, t in model.state_dict().items()}
+    else:
         config = AutoConfig.for_model(config.pop("model_type"), **config)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        full = {}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. RoPE's
     model.train(not frozen)
     for p in model.parameters():
         p.requires_grad_(not frozen)
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. RoPE's
     model = shard(model, dp, device)
     if not dp.is_main:
         model.to_empty(device=device)  # this rank's shards, still uninitialised
         with torch.no_grad():
             for n, b in model.named_buffers():
                 b.copy_(buffers[n])
+    # strict: a name rank 0 does not send would stay uninitialised on the other ranks
     set_model_state_dict(_root(model), full, options=StateDictOptions(
-        full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        full_state_dict=True, broadcast_from_rank0=True, strict=True))
     return model
 
 
 @contextmanager
 def parameters_on_meta():
-    """Every parameter a module registers inside lands on the meta device (it holds no
-    memory and no values); buffers stay where they are made, so computed ones such as
-    RoPE's inverse frequencies keep their values."""
+    """Every parameter a module registers inside moves to the meta device as it is
+    registered (so at most one parameter at a time is ever allocated); buffers stay where
+    they are made, so computed ones such as RoPE's inverse frequencies keep their values.
+    Patches `nn.Module.register_parameter` for the duration: not for use across threads."""
     register = torch.nn.Module.register_parameter
 
     def on_meta(module, name, param):
@@ -244,6 +247,32 @@ def broadcast_object(obj, dp: DataParallel):
     box = [obj if dp.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class MainRankError(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in `on_main`."""
+
+
+def on_main(fn, dp: DataParallel, share: bool = False):
+    """Runs `fn()` on rank 0 alone (file reads, building the demo policy), then tells every
+    rank how it went, so that an error there is raised on every rank instead of leaving
+    the others waiting in their next collective. Returns rank 0's result (`share`: on
+    every rank, by broadcast; otherwise None on the other ranks)."""
+    if not dp.enabled:
+        return fn()
+    result, error = None, None
+    if dp.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
+            error = e
+    verdict = broadcast_object(None if error is None else f"{type(error).__name__}: {error}",
+                               dp)
+    if error is not None:
+        raise error
+    if verdict is not None:
+        raise MainRankError(f"trainer rank 0 failed, so rank {dp.rank} stops too: {verdict}")
+    return broadcast_object(result, dp) if share else result
 
 
 def all_gather_objects(obj, dp: DataParallel) -> list:

@@ -29,6 +29,8 @@ def test_worked_solution_cut_short_answers_the_running_total():
     assert worked_solution("4 - 1", 5) == worked_solution("4 - 1")  # nothing left to cut
     with pytest.raises(ValueError, match="clauses_written must be at least 1"):
         worked_solution("4 - 1", 0)
+    with pytest.raises(ValueError, match="unknown operator"):  # also past the cut
+        worked_solution("4 - 1 * 3", 1)
 
 
 def test_worked_operations_counts_the_clauses_of_a_response():

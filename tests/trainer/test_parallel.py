@@ -7,6 +7,7 @@ gather on rank 0 and load back."""
 
 import copy
 import multiprocessing as mp
+import time
 
 import pytest
 import torch
@@ -156,7 +157,7 @@ def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: in
         close_group(dp)
 
 
-def _run_two_ranks(path, out, steps, resume=False):
+def _run_two_ranks(path, out, steps, resume=False, expect=((0, "ok"), (1, "ok"))):
     from trainer.weight_sync.channel import free_port
 
     ctx = mp.get_context("spawn")
@@ -168,7 +169,28 @@ def _run_two_ranks(path, out, steps, resume=False):
     results = sorted(queue.get(timeout=300) for _ in procs)
     for p in procs:
         p.join(30)
-    assert results == [(0, "ok"), (1, "ok")]
+    if callable(expect):
+        expect(results)
+    else:
+        assert results == list(expect)
+
+
+def test_an_error_on_rank_0_stops_every_rank(tiny_policy, tmp_path):
+    """Resuming a run directory with no checkpoint fails on rank 0 (the only rank that
+    looks) with the error naming it, and rank 1 stops with that message instead of
+    waiting for the group's timeout."""
+    (tmp_path / "empty").mkdir()
+
+    def check(results):
+        (r0, e0), (r1, e1) = results
+        assert (r0, r1) == (0, 1)
+        assert e0.startswith("FileNotFoundError") and "no complete checkpoint" in e0
+        assert e1.startswith("MainRankError") and "rank 0 failed" in e1
+        assert "no complete checkpoint" in e1
+
+    start = time.monotonic()
+    _run_two_ranks(tiny_policy, tmp_path / "empty", 1, resume=True, expect=check)
+    assert time.monotonic() - start < 100  # well under the group's 120 s timeout
 
 
 def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
