@@ -23,4 +23,12 @@ echo "gpu tests rc=$?" >> "$OUT/gpu-tests.log"
 $PY bench/kernels.py > "$OUT/kernels.log" 2>&1
 $PY bench/kernels_sampling.py > "$OUT/kernels-sampling.log" 2>&1
 cp bench/results/kernels-*.json "$OUT/" 2>/dev/null
+# the N=512 over N=16 claim where the paper makes it: Qwen2-0.5B shapes, bf16, on the GPU
+timeout 300 $PY bench/throughput.py --device cuda --model qwen2-0.5b --dtype bfloat16 \
+  --ns 16 128 512 --repeats 2 --out "$OUT/throughput-gpu.json" > "$OUT/throughput.log" 2>&1
+echo "throughput rc=$?" >> "$OUT/throughput.log"
+# the embedded trainer on CUDA: the shipped demo, two RL steps
+timeout 300 $PY -m trainer.cli train steps=2 eval.every=0 output_dir="$OUT/demo-gpu" \
+  > "$OUT/demo-gpu.log" 2>&1
+echo "demo rc=$?" >> "$OUT/demo-gpu.log"
 tail -n 3 "$OUT"/*.log

@@ -2,6 +2,7 @@
 
     python bench/throughput.py                 # full sweep, writes bench/results/
     python bench/throughput.py --quick         # smaller, for a smoke run
+    python bench/throughput.py --device cuda --model qwen2-0.5b --dtype bfloat16   # a GPU
 
 The workload follows the BroRL systems claim: the same number of samples drawn as few
 prompts x many samples (large N) or many prompts x few samples. Each configuration draws
@@ -47,21 +48,29 @@ from engine.models.weights import matrix_shapes  # noqa: E402
 MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
              tie_word_embeddings=True, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+# --model: the CPU workload of the issue (5m), or Qwen2-0.5B's shapes (random weights) for a
+# GPU, where a 5M-parameter model measures launch overhead rather than the decode regime
+MODELS = {"5m": MODEL,
+          "qwen2-0.5b": dict(MODEL, vocab_size=151936, hidden_size=896,
+                             intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2,
+                             max_position_embeddings=32768)}
 
 
-def make_model(path: str, seed: int) -> int:
+def make_model(path: str, seed: int, model_cfg: dict = MODEL) -> int:
     """Saves the random bench model to path; returns its parameter count."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**MODEL), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**model_cfg), dtype=torch.float32)
     model.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
 
 
-def make_prompts(num_prompts: int, prompt_len: int, seed: int) -> list[list[int]]:
+def make_prompts(num_prompts: int, prompt_len: int, seed: int,
+                 vocab_size: int = MODEL["vocab_size"]) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, MODEL["vocab_size"], (num_prompts, prompt_len), generator=g)
+    ids = torch.randint(3, vocab_size, (num_prompts, prompt_len), generator=g)
     return ids.tolist()
 
 
@@ -100,11 +109,12 @@ def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed:
 
 
 def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int,
-                     dtype: str = "float32") -> dict:
+                     dtype: str = "float32", device: str = "cpu") -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor(prompts)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    ids = torch.tensor(prompts, device=device)
     kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=new_tokens,
               min_new_tokens=new_tokens, num_return_sequences=n, pad_token_id=0)
     torch.manual_seed(seed)
@@ -118,8 +128,8 @@ def run_transformers(path: str, prompts, n: int, new_tokens: int, seed: int,
     return dict(seconds=seconds, samples=samples, tokens=samples * (out.shape[1] - ids.shape[1]))
 
 
-def device_name() -> str:
-    if torch.cuda.is_available():
+def device_name(device: str = "cpu") -> str:
+    if device == "cuda":
         return torch.cuda.get_device_name(0).replace(" ", "-").lower()
     return "cpu"
 
@@ -182,11 +192,21 @@ def main(argv=None) -> dict:
                     help="runs of each engine row; the row reports the median (all kept in "
                          "the JSON). transformers rows run once (they take ~30 s each)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the engine and transformers rows run (default: cpu, the "
+                         "issue's workload)")
+    ap.add_argument("--model", default="5m", choices=list(MODELS),
+                    help="bench model shape: 5m (the CPU workload) or qwen2-0.5b (for a GPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the engine/cascade, engine/paged and transformers rows")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/"
                     "throughput-<device>.json; --quick writes nothing unless given)")
     args = ap.parse_args(argv)
     if args.quick:
         args.ns, args.total, args.new_tokens, args.repeats = [16, 128], 128, 32, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    model_cfg, dev, dt = MODELS[args.model], args.device, args.dtype
     bad = [n for n in args.ns if n < 1 or args.total % n]
     if bad:
         ap.error(f"every N must divide --total={args.total}; these do not: {bad}")
@@ -194,28 +214,30 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        num_params = make_model(tmp, args.seed)
-        print(f"model: Qwen2-shaped, {num_params / 1e6:.2f}M parameters; prompt "
-              f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.total} samples "
-              f"per row; device {device_name()}, {threads} torch threads", flush=True)
+        num_params = make_model(tmp, args.seed, model_cfg)
+        print(f"model: Qwen2-shaped ({args.model}), {num_params / 1e6:.2f}M parameters, "
+              f"{dt}; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+              f"{args.total} samples per row; device {device_name(dev)}, {threads} torch "
+              f"threads", flush=True)
         for n in args.ns:
-            prompts = make_prompts(args.total // n, args.prompt_len, args.seed + n)
+            prompts = make_prompts(args.total // n, args.prompt_len, args.seed + n,
+                                   model_cfg["vocab_size"])
             runs = [("engine/cascade", partial(run_engine, tmp, prompts, n, args.new_tokens,
-                                               True, args.seed)),
+                                               True, args.seed, dtype=dt, device=dev)),
                     ("engine/paged", partial(run_engine, tmp, prompts, n, args.new_tokens,
-                                             False, args.seed))]
+                                             False, args.seed, dtype=dt, device=dev))]
             for name in args.backends:
                 backend, dtype = BACKENDS[name]
                 runs.append((f"engine/cascade[{name}]",
                              partial(run_engine, tmp, prompts, n, args.new_tokens, True,
-                                     args.seed, backend, dtype)))
+                                     args.seed, backend, dtype, device=dev)))
             if n in hf_ns:
                 runs.append(("transformers", partial(run_transformers, tmp, prompts, n,
-                                                     args.new_tokens, args.seed)))
+                                                     args.new_tokens, args.seed, dt, dev)))
             if n in hf_ns and args.hf_bf16:
                 runs.append(("transformers[bf16]", partial(run_transformers, tmp, prompts, n,
                                                            args.new_tokens, args.seed,
-                                                           "bfloat16")))
+                                                           "bfloat16", dev)))
             for system, fn in runs:
                 r = _median_run(fn, 1 if system.startswith("transformers") else args.repeats)
                 r.update(system=system, n=n, num_prompts=len(prompts),
@@ -224,18 +246,19 @@ def main(argv=None) -> dict:
                 rows.append(r)
                 print(f"  N={n:4d} {system:25s} {r['samples_per_s']:8.1f} samples/s "
                       f"({r['seconds']:.2f} s)", flush=True)
-    result = dict(benchmark="throughput", device=device_name(), cpu=platform.processor() or
+    result = dict(benchmark="throughput", device=device_name(dev), cpu=platform.processor() or
                   platform.machine(), cpu_count=os.cpu_count(), torch_threads=threads,
                   versions=versions(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  config=dict(model=MODEL, num_params=num_params, total=args.total,
+                  config=dict(model=model_cfg, model_name=args.model, num_params=num_params,
+                              total=args.total,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               ns=args.ns, backends=args.backends, hf_bf16=args.hf_bf16,
                               repeats=args.repeats,
                               seed=args.seed,
-                              dtype="float32", temperature=1.0),
+                              dtype=dt, temperature=1.0),
                   rows=rows, ratios=ratios(rows, args.ns))
-    flops = {n: workload_flops(args.total // n, n, args.prompt_len, args.new_tokens)
+    flops = {n: workload_flops(args.total // n, n, args.prompt_len, args.new_tokens, model_cfg)
              for n in args.ns}
     result["flops"] = {str(n): f for n, f in flops.items()}
     lo, hi = min(args.ns), max(args.ns)
@@ -244,7 +267,7 @@ def main(argv=None) -> dict:
                                                              / flops[hi]["total"])
     print_table(rows, result["ratios"])
     out = args.out or (None if args.quick else
-                       str(ROOT / "bench" / "results" / f"throughput-{device_name()}.json"))
+                       str(ROOT / "bench" / "results" / f"throughput-{device_name(dev)}.json"))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
