@@ -16,6 +16,7 @@ the same `rollout.prompts_per_step` prompts every step.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -63,15 +64,11 @@ def main() -> None:
     from trainer import loop
     from trainer.config import load_config
 
-    args = sys.argv[1:]
-    out = ROOT / "bench" / "results" / "rl-transfer-cpu.json"
-    if "--out" in args:
-        i = args.index("--out")
-        if i + 1 == len(args):
-            sys.exit("--out needs a path")
-        out = Path(args[i + 1])
-        del args[i:i + 2]
-    overrides = args
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /
+                    "rl-transfer-cpu.json")
+    args, overrides = ap.parse_known_args()  # the rest: config overrides (key=value)
+    out = args.out
     out_dir = "/tmp/brorl-rl-transfer"
     cfg = load_config(None, [f"output_dir={out_dir}", "progress=false", "eval.every=0",
                              "checkpoint_every=1000", "rollout.dynamic_sampling=false",

@@ -34,6 +34,7 @@ from trainer.metrics import MetricsWriter, read_metrics
 from trainer.parallel import (
     SINGLE,
     DataParallel,
+    MainRankError,
     broadcast_object,
     full_state,
     load_full_state,
@@ -106,8 +107,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         return ckpt, (str(ckpt) if ckpt else _initial_policy(cfg))  # e.g. the demo policy
 
     # only rank 0 touches the filesystem; the other ranks get what they need from it
-    ckpt, path = on_main(prepare, dp) or (None, None)
-    resuming = broadcast_object(ckpt is not None, dp)
+    ckpt, path = on_main(prepare, dp, share=True)
     device = torch.device(cfg.model.resolved_device)
     r = cfg.rollout
 
@@ -137,7 +137,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler, stream, held_out,
               pool, metrics, pad_id, dp)
-    if resuming:
+    if ckpt is not None:
         _restore(run, ckpt)
     if dp.is_main:
         log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per "
@@ -198,17 +198,16 @@ def sync_weights(run: Run, step: int) -> dict:
     the error propagates."""
     t0 = time.perf_counter()
     named = full_state(run.model, run.dp)  # collective when sharded; empty off rank 0
-    error = None
-    if run.dp.is_main:
-        try:
-            run.engine.update_weights(list(named.items()), version=step)
-        except WeightSyncError as err:
-            error = err
-    failed = broadcast_object(None if error is None else str(error), run.dp)
-    if failed is not None:
+    try:
+        on_main(lambda: run.engine.update_weights(list(named.items()), version=step), run.dp)
+    except (WeightSyncError, MainRankError) as err:
+        if getattr(err, "kind", WeightSyncError.__name__) != WeightSyncError.__name__:
+            raise
         run.step = step
-        _checkpoint(run)
-        raise error or WeightSyncError(f"trainer rank 0 could not sync the weights: {failed}")
+        _checkpoint(run)  # every rank joins its gathers
+        if isinstance(err, MainRankError):
+            raise WeightSyncError(f"trainer rank 0 could not sync the weights: {err}") from err
+        raise
     if not run.dp.is_main:
         return {}
     out = {"weight_sync/seconds": time.perf_counter() - t0}
@@ -260,19 +259,19 @@ def _checkpoint(run: Run) -> None:
     log.info("checkpoint: %s", path)
 
 
-def _restore(run: Run, ckpt: Path | None) -> None:
-    """Rank 0 reads the checkpoint (`ckpt` is None on the other ranks); the others get the
-    small trainer state by a broadcast and their shards of the optimizer state (and of a
-    KL reference) from rank 0's full copies, so they need no shared filesystem."""
+def _restore(run: Run, ckpt: Path) -> None:
+    """Rank 0 alone reads the checkpoint (the other ranks know only its path); the others
+    get the small trainer state by a broadcast and their shards of the optimizer state (and
+    of a KL reference) from rank 0's full copies, so they need no shared filesystem."""
     dp = run.dp
     state = on_main(lambda: load_state(ckpt), dp) or {}
     info = broadcast_object(
         {**{k: v for k, v in state.items() if k != "optimizer"},
-         "has_reference": ckpt is not None and (ckpt / "reference.pt").is_file()}
+         "has_reference": (ckpt / "reference.pt").is_file()}
         if dp.is_main else None, dp)
     saved_dp = bool(info.get("data_parallel", False))
     if saved_dp != dp.enabled:  # raised on every rank alike
-        raise ValueError(f"{ckpt or 'the checkpoint'} holds the optimizer state of a "
+        raise ValueError(f"{ckpt} holds the optimizer state of a "
                          f"{'data-parallel' if saved_dp else 'one-rank'} trainer; resume it "
                          f"with ray.num_trainers {'> 1' if saved_dp else '= 1'}")
     load_optimizer_state(run.model, run.optimizer, state.get("optimizer", {}), dp)

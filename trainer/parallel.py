@@ -250,7 +250,12 @@ def broadcast_object(obj, dp: DataParallel):
 
 
 class MainRankError(RuntimeError):
-    """Raised on the other ranks when rank 0 failed in `on_main`."""
+    """Raised on the other ranks when rank 0 failed in `on_main`; `kind` is the name of
+    the exception type rank 0 raised."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def on_main(fn, dp: DataParallel, share: bool = False):
@@ -266,12 +271,14 @@ def on_main(fn, dp: DataParallel, share: bool = False):
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
             error = e
-    verdict = broadcast_object(None if error is None else f"{type(error).__name__}: {error}",
+    verdict = broadcast_object(None if error is None else (type(error).__name__, str(error)),
                                dp)
     if error is not None:
         raise error
     if verdict is not None:
-        raise MainRankError(f"trainer rank 0 failed, so rank {dp.rank} stops too: {verdict}")
+        kind, message = verdict
+        raise MainRankError(f"trainer rank 0 failed, so rank {dp.rank} stops too: {kind}: "
+                            f"{message}", kind)
     return broadcast_object(result, dp) if share else result
 
 
