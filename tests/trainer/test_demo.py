@@ -13,7 +13,6 @@ from trainer.demo import (
     worked_operations,
     worked_solution,
 )
-from trainer.evaluate import pass_at_k
 
 
 def test_worked_solution_is_left_to_right_and_tagged():
@@ -95,12 +94,3 @@ def test_demo_policy_is_cached_and_loads_through_engine_and_transformers(tmp_pat
     greedy = hf.generate(ids, max_new_tokens=4, do_sample=False,
                          eos_token_id=engine.tokenizer.eos_token_id)[0, ids.shape[1]:].tolist()
     assert out[0].outputs[0].token_ids == greedy[:len(out[0].outputs[0].token_ids)]
-
-
-# hand values: (4,1,2): 1 - C(3,2)/C(4,2) = 1 - 3/6; (5,2,3): 1 - C(3,3)/C(5,3) = 1 - 1/10
-@pytest.mark.parametrize("n,c,k,want", [(4, 0, 1, 0.0), (4, 4, 2, 1.0), (4, 1, 1, 0.25),
-                                        (4, 1, 2, 0.5), (5, 2, 3, 0.9), (5, 3, 3, 1.0)])
-def test_pass_at_k_unbiased_estimator(n, c, k, want):
-    assert pass_at_k(n, c, k) == pytest.approx(want)
-    with pytest.raises(ValueError):
-        pass_at_k(3, 4, 1)

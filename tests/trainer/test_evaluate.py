@@ -6,9 +6,17 @@ import pytest
 from trainer.evaluate import evaluate, pass_at_k
 
 
-def test_pass_at_k_matches_hand_computed_values():
-    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
-    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+# hand values: 1 - C(n-c, k) / C(n, k); (4,1,2): 1 - 3/6; (5,2,3): 1 - 1/10; (5,2,2): 1 - 3/10
+@pytest.mark.parametrize("n,c,k,want", [(4, 0, 1, 0.0), (4, 4, 2, 1.0), (4, 1, 1, 0.25),
+                                        (4, 1, 2, 0.5), (5, 2, 3, 0.9), (5, 3, 3, 1.0),
+                                        (5, 2, 2, 0.7), (4, 0, 2, 0.0), (4, 3, 2, 1.0)])
+def test_pass_at_k_unbiased_estimator(n, c, k, want):
+    assert pass_at_k(n, c, k) == pytest.approx(want)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
     with pytest.raises(ValueError, match="k <= n"):
         pass_at_k(2, 1, 3)
 
