@@ -21,6 +21,7 @@ class CacheManager:
         self.page_size = page_size
         # C++ radix tree + allocator when built (BRORL_CACHE_IMPL forces one), else Python.
         self.allocator, self.radix, self.impl = make_cache(kv.num_pages, page_size)
+        self._tail_copies: list[tuple[int, int]] = []  # (group tail page, sample's page)
 
     @property
     def available_pages(self) -> int:
@@ -84,14 +85,23 @@ class CacheManager:
 
     # -- samples -------------------------------------------------------------------------
     def fork(self, seq: Sequence) -> None:
-        """Gives a new sample the shared prompt pages and its own copy of the tail page."""
+        """Gives a new sample the shared prompt pages and a page for its own copy of the
+        tail page; `copy_forked_tails` copies the tails of a step's forks in one go."""
         group = seq.group
         seq.page_table = list(group.shared_pages)
         if group.tail_page is not None:
             (page,) = self.alloc(1)
-            self.kv.copy_pages([group.tail_page], [page])
+            self._tail_copies.append((group.tail_page, page))
             seq.page_table.append(page)
         seq.num_cached = group.prompt_len
+
+    def copy_forked_tails(self) -> None:
+        """Copies the tail pages of the samples forked since the last call (before their
+        first decode and before any tail is released)."""
+        if self._tail_copies:
+            src, dst = zip(*self._tail_copies)
+            self._tail_copies = []
+            self.kv.copy_pages(list(src), list(dst))
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes the page table cover num_tokens KV tokens. False (nothing taken) if the

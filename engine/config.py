@@ -176,6 +176,10 @@ class EngineConfig:
     # dense layers: "auto" (onednn on CPU for float32/bfloat16, else torch), "torch", "onednn"
     linear_backend: str = "auto"
     cascade_decode: bool = True
+    # Decode runs the model once for the samples of one prompt whose tokens so far are
+    # identical (a peaked policy at large N repeats itself); the others get copies of that
+    # row's new KV and logits and still draw their own next token.
+    merge_identical_samples: bool = True
     # Fraction of each running sample's remaining max_tokens whose pages are reserved at
     # admission. 1.0 never preempts; lower values admit more samples when most stop early
     # and rely on preemption (free + recompute) when the pool still runs out.

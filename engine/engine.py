@@ -57,7 +57,9 @@ class Engine:
         self._rng = random.Random(self.config.seed)
         self._counters = dict.fromkeys(
             ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens", "decode_tokens",
-             "decode_steps", "extend_steps", "samples"), 0)
+             "decode_rows", "decode_steps", "extend_steps", "samples"), 0)
+        # decode_rows: rows the model computed in decode steps; below decode_tokens when
+        # samples with identical contexts were merged (merge_identical_samples).
         # decode_host_seconds: the part of decode steps outside the model and the sampling
         # kernel (scheduling, radix cache, allocator, page tables, bookkeeping).
         self._seconds = dict.fromkeys(("prefill_seconds", "decode_seconds",
@@ -137,6 +139,7 @@ class Engine:
         if plan.empty:
             raise RuntimeError("scheduler stalled: work is queued but nothing can run "
                                f"({self.cache.available_pages} pages available)")
+        self.cache.copy_forked_tails()
         finished = self._start(plan) if plan.start else 0
         if plan.extend:
             finished += self._extend(plan)
@@ -186,10 +189,19 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> int:
         t0 = time.perf_counter()
-        logits = self.runner.decode(seqs)
+        if self.config.merge_identical_samples:
+            rows, index = _distinct_contexts(seqs)
+        else:
+            rows, index = seqs, None
+        logits = self.runner.decode(rows)
+        if index is not None:  # the merged samples get their row's new KV and logits
+            src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
+            self.runner.copy_new_kv(src, [s for r, s in zip(index, seqs) if rows[r] is not s])
+            logits = logits[torch.tensor(index, device=logits.device)]
         for s in seqs:
             s.num_cached += 1
         finished = self._append(logits, seqs)
+        self._counters["decode_rows"] += len(rows)
         self._seconds["decode_seconds"] += time.perf_counter() - t0
         self._counters["decode_steps"] += 1
         self._counters["decode_tokens"] += len(seqs)
@@ -202,6 +214,7 @@ class Engine:
         for s, tok, lp in zip(seqs, tokens, logprobs):
             s.token_ids.append(tok)
             s.logprobs.append(lp)
+            s.context_key = hash((s.context_key, tok))
             if not s.started or s.status is Status.WAITING:
                 s.started = True
                 s.status = Status.RUNNING
@@ -216,6 +229,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> int:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.group.num_finished += 1
         self.cache.free_private(seq)
         seq.page_table = []
         self._counters["samples"] += 1
@@ -242,6 +256,25 @@ class Engine:
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
+
+
+def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
+    """The first sample of each distinct context (same group, same tokens) in order, and
+    for every sample the index of its context's row; None when all are distinct."""
+    rows: list[Sequence] = []
+    index: list[int] = []
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for s in seqs:
+        candidates = by_key.setdefault((id(s.group), s.context_key), [])
+        for r in candidates:  # equal keys: check the tokens (a hash can collide)
+            if rows[r].token_ids == s.token_ids:
+                index.append(r)
+                break
+        else:
+            candidates.append(len(rows))
+            index.append(len(rows))
+            rows.append(s)
+    return rows, (index if len(rows) < len(seqs) else None)
 
 
 def _progress(total: int, enabled: bool):

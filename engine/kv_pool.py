@@ -27,6 +27,13 @@ class KVPool:
         kl.index_copy_(0, slots, k)
         vl.index_copy_(0, slots, v)
 
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copies the K and V of flat slots src[i] -> dst[i] in every layer."""
+        flat = (self.k.shape[0], -1, *self.k.shape[3:])
+        for cache in (self.k, self.v):
+            view = cache.view(flat)
+            view[:, dst] = view[:, src]
+
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copies whole pages src[i] -> dst[i] in every layer."""
         s = torch.tensor(src, device=self.k.device)

@@ -33,17 +33,27 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token per sequence -> logits float32 [B, vocab], rows in order."""
-        ps = self.page_size
         positions = [s.num_cached for s in seqs]
-        slots = [s.page_table[p // ps] * ps + p % ps for s, p in zip(seqs, positions)]
         meta = self._decode_meta(seqs, positions)
-        meta.slots = self._tensor(slots)
+        meta.slots = self._tensor(self._next_slots(seqs))
         self.backend.begin(meta)
         ids, pos = self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions)
         t0 = time.perf_counter()
         logits = self.model.logits(self.model.forward(ids, pos, self.backend))
         self.last_model_seconds = time.perf_counter() - t0
         return logits
+
+    def _next_slots(self, seqs: list[Sequence]) -> list[int]:
+        """The flat KV slot of each sequence's next token (position num_cached)."""
+        ps = self.page_size
+        return [s.page_table[s.num_cached // ps] * ps + s.num_cached % ps for s in seqs]
+
+    def copy_new_kv(self, src: list[Sequence], dst: list[Sequence]) -> None:
+        """After a decode step of src: copies the K and V just written at each src[i]'s
+        next slot to dst[i]'s next slot (dst[i] has the same context), in every layer."""
+        if src:
+            self.backend.kv.copy_slots(self._tensor(self._next_slots(src)),
+                                       self._tensor(self._next_slots(dst)))
 
     def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> DecodeMeta:
         dev = self.device

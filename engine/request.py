@@ -11,6 +11,7 @@ has no KV yet) and the page table covers num_cached tokens.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,7 @@ class Group:
     first_logits: torch.Tensor | None = None  # logits at the last prompt position
     prefilled: bool = False
     num_cached_tokens: int = 0  # prompt tokens reused from the radix cache
+    num_finished: int = 0  # samples finished (the engine counts them as they finish)
 
     @property
     def prompt_len(self) -> int:
@@ -53,9 +55,15 @@ class Group:
     def tail_len(self) -> int:
         return self.prompt_len - self.shared_len if self.prefilled else 0
 
+    @functools.cached_property
+    def max_private_pages(self) -> int:
+        """Private pages one sample holds at max_tokens (whole prompt pages are shared)."""
+        ps = self.page_size
+        return -(-(self.prompt_len + self.params.max_tokens - 1) // ps) - self.prompt_len // ps
+
     @property
     def done(self) -> bool:
-        return all(s.status is Status.FINISHED for s in self.samples)
+        return self.num_finished == len(self.samples)
 
 
 @dataclass(eq=False)
@@ -69,6 +77,9 @@ class Sequence:
     status: Status = Status.WAITING
     started: bool = False  # has drawn its first token (preempted samples stay started)
     finish_reason: str | None = None
+    # Rolling hash of the output tokens: samples of one group with equal keys (and equal
+    # tokens, checked) have identical contexts, so decode can compute them once.
+    context_key: int = 0
 
     @property
     def num_output(self) -> int:
@@ -82,9 +93,9 @@ class Sequence:
     def private_pages(self) -> list[int]:
         return self.page_table[len(self.group.shared_pages):]
 
-    def max_kv_tokens(self) -> int:
-        """KV tokens this sample holds when it ends at max_tokens."""
-        return self.group.prompt_len + self.group.params.max_tokens - 1
+    @property
+    def num_private_pages(self) -> int:
+        return len(self.page_table) - len(self.group.shared_pages)
 
     def check(self) -> None:
         ps = self.group.page_size

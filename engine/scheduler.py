@@ -60,13 +60,8 @@ class Scheduler:
         return bool(self.waiting or self.pending or self.running)
 
     # -- reservations ----------------------------------------------------------------
-    def _max_private_pages(self, seq: Sequence) -> int:
-        """Private pages a sample holds at max_tokens (its whole prompt pages are shared)."""
-        ps = self.page_size
-        return pages_for(seq.max_kv_tokens(), ps) - seq.group.prompt_len // ps
-
     def _future_pages(self, seq: Sequence, private_now: int) -> int:
-        remaining = max(0, self._max_private_pages(seq) - private_now)
+        remaining = max(0, seq.group.max_private_pages - private_now)
         return math.ceil(self.config.reserve_ratio * remaining)
 
     def _pinned_pages(self) -> int:
@@ -74,7 +69,12 @@ class Scheduler:
         return sum(len(g.shared_pages) + (g.tail_page is not None) for g in self.active)
 
     def _reserved(self) -> int:
-        return sum(self._future_pages(s, len(s.private_pages)) for s in self.running)
+        ratio, total = self.config.reserve_ratio, 0
+        for s in self.running:  # _future_pages inlined: this runs over every sample, each step
+            remaining = s.group.max_private_pages - s.num_private_pages
+            if remaining > 0:
+                total += remaining if ratio == 1.0 else math.ceil(ratio * remaining)
+        return total
 
     def _batch_full(self, extra: int) -> bool:
         return len(self.running) + extra >= self.max_batch_size
@@ -135,7 +135,7 @@ class Scheduler:
             # Liveness: whatever is preempted, one sample must be able to reach max_tokens
             # beside every pinned prompt.
             pinned = self._pinned_pages() + pinned_now + len(cached) + now
-            live = pinned + self._max_private_pages(group.samples[0]) <= self.cache.kv.num_pages
+            live = pinned + group.max_private_pages <= self.cache.kv.num_pages
             if now + one_sample > budget or too_big or not live:
                 self.cache.unlock(group)
                 self.waiting.appendleft(group)

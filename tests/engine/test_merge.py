@@ -1,0 +1,82 @@
+"""Merging samples with identical contexts in decode (merge_identical_samples): the model
+runs once per distinct context, and every sample still gets the tokens and logprobs it
+would get alone."""
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.engine import _distinct_contexts
+
+PAGE = 4
+
+
+def run(path, prompts, params, **kw):
+    engine = Engine(path, page_size=PAGE, debug_integrity=True, **{"max_kv_tokens": 8192, **kw})
+    return engine, engine.generate(prompts, params)
+
+
+def assert_same(a, b):
+    for oa, ob in zip(a, b, strict=True):
+        for ca, cb in zip(oa.outputs, ob.outputs, strict=True):
+            assert ca.token_ids == cb.token_ids
+            assert ca.finish_reason == cb.finish_reason
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs),
+                                       atol=1e-4, rtol=0)  # logits / 0.05: batch rounding x20
+
+
+def test_greedy_samples_of_a_prompt_decode_as_one_row(qwen2):
+    path, _ = qwen2
+    prompts = [list(range(5, 12)), list(range(20, 29))]
+    params = SamplingParams(n=16, temperature=0.0, max_tokens=10, ignore_eos=True)
+    merged_engine, merged = run(path, prompts, params)
+    plain_engine, plain = run(path, prompts, params, merge_identical_samples=False)
+    assert_same(merged, plain)
+    s, p = merged_engine.stats(), plain_engine.stats()
+    assert s["decode_tokens"] == p["decode_tokens"] == 2 * 16 * 9
+    assert s["decode_rows"] == 2 * 9  # one row per prompt and step
+    assert p["decode_rows"] == p["decode_tokens"]
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    dict(cascade_decode=False),
+    dict(attention_backend="torch"),
+    dict(max_kv_tokens=30 * PAGE, reserve_ratio=0.0),  # preempts and recomputes samples
+    dict(max_batch_size=5),
+])
+def test_merged_samples_that_diverge_continue_from_their_own_kv(qwen2, kw):
+    """A low temperature (the random model is flat) makes samples share their first
+    tokens and then part: after a split each continues from the KV copied to it."""
+    path, _ = qwen2
+    prompts = [list(range(5, 23)), list(range(40, 43))]
+    params = SamplingParams(n=24, temperature=0.05, max_tokens=16, seed=11, ignore_eos=True)
+    merged_engine, merged = run(path, prompts, params, **kw)
+    _, plain = run(path, prompts, params, merge_identical_samples=False,
+                   **{k: v for k, v in kw.items() if k != "max_kv_tokens"})
+    assert_same(merged, plain)
+    s = merged_engine.stats()
+    assert s["decode_rows"] < 0.75 * s["decode_tokens"]  # merging happened
+    for o in merged:  # and the samples parted: some pair split after sharing tokens
+        outs = [tuple(c.token_ids) for c in o.outputs]
+        assert 2 <= len(set(outs)) < len(outs)
+        assert any(a != b and a[:2] == b[:2] for a in outs for b in outs)
+    if "reserve_ratio" in kw:
+        assert s["preemptions"] > 0
+    assert s["free_pages"] + s["cached_pages"] == s["num_pages"]
+
+
+def test_equal_context_keys_with_different_tokens_stay_apart():
+    """The rolling hash only proposes merges; the tokens decide."""
+
+    class Seq:
+        def __init__(self, group, tokens, key):
+            self.group, self.token_ids, self.context_key = group, tokens, key
+
+    g1, g2 = object(), object()
+    seqs = [Seq(g1, [1, 2], 7), Seq(g1, [1, 3], 7), Seq(g1, [1, 2], 7), Seq(g2, [1, 2], 7),
+            Seq(g1, [1, 3], 7)]
+    rows, index = _distinct_contexts(seqs)
+    assert rows == [seqs[0], seqs[1], seqs[3]]
+    assert index == [0, 1, 0, 2, 1]
+    assert _distinct_contexts(seqs[:2]) == (seqs[:2], None)
