@@ -108,6 +108,11 @@ def aggregate_loss(
     sum of micro-batch losses equals the loss of the mini-batch in one piece. Rows without
     valid tokens contribute 0 (and still count in the default num_seqs). Masked positions
     never leak, even if they hold inf or NaN.
+
+    mask is bool, or a float weight per position: a row that stands for k identical
+    sequences carries k at each of its valid positions (0 elsewhere) and counts k times,
+    in the sums and in the default num_tokens / num_seqs (a row without valid positions
+    counts once).
     """
     if per_token.shape != mask.shape or per_token.dim() != 2:
         raise ValueError(
@@ -116,14 +121,23 @@ def aggregate_loss(
         )
     valid = mask.bool()
     masked = torch.where(valid, per_token, torch.zeros_like(per_token))
+    weight = None if mask.dtype == torch.bool else mask.to(per_token.dtype)
     if mode == "token-mean":
+        if weight is not None:
+            masked = masked * weight
         if num_tokens is None:
-            return masked.sum() / valid.sum().clamp(min=1)
+            count = valid.sum() if weight is None else weight.sum()
+            return masked.sum() / count.clamp(min=1)
         return masked.sum() / _checked_count(num_tokens, "num_tokens")
     if mode == "seq-mean-token-mean":
         seq_means = masked.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        rows = float(max(per_token.shape[0], 1))
+        if weight is not None:
+            row_weight = weight.amax(dim=1)
+            seq_means = seq_means * row_weight
+            rows = row_weight.clamp(min=1).sum()  # an empty row still counts once
         if num_seqs is None:
-            return seq_means.sum() / max(per_token.shape[0], 1)
+            return seq_means.sum() / rows
         return seq_means.sum() / _checked_count(num_seqs, "num_seqs")
     raise ValueError(f"unknown aggregation mode {mode!r}; supported: {', '.join(AGG_MODES)}")
 

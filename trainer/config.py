@@ -171,6 +171,8 @@ class OptimConfig:
     scale_lr: bool = _f(False, "multiply lr by sqrt(samples per step / lr_reference_samples)")
     lr_reference_samples: int = _f(8192, "samples per step the base lr was tuned for")
     micro_batch_size: int = _f(64, "sequences per forward/backward")
+    merge_identical_samples: bool = _f(True, "compute each distinct sample of a mini-batch "
+                                       "once, weighted by its count (same loss and gradient)")
     logprob_chunk: int = _f(1024, "tokens per chunk of the LM head's log-softmax")
 
     def __post_init__(self) -> None:

@@ -3,7 +3,12 @@ gradient steps on mini-batches, each accumulated over micro-batches so that N=51
 per prompt fit in memory. Micro-batch losses are normalised by their mini-batch's token
 (or sequence) count, so accumulation equals one large batch. With a data-parallel group
 (trainer/parallel.py) each rank takes its share of every mini-batch in the same number of
-micro-batches, and FSDP2 sums the gradients, so the step equals the one-process step."""
+micro-batches, and FSDP2 sums the gradients, so the step equals the one-process step.
+
+At large N a peaked policy repeats itself: many samples of a group are the same sequence
+with the same advantage and behaviour logprobs. With optim.merge_identical_samples each
+distinct sample of a mini-batch is computed once, weighted by how many it stands for, which
+gives the same loss and gradient."""
 
 from __future__ import annotations
 
@@ -73,9 +78,13 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainCo
               for i in range(cfg.algorithm.num_mini_batches)]
     totals: dict[str, float] = {}
     norms = []
+    distinct = 0
     for idx in chunks:
         mini = [samples[i] for i in sorted(idx)]
-        stats = _mini_batch_step(model, optimizer, mini, cfg, pad_id, ref_model, dp)
+        rows = (merge_identical(mini) if cfg.optim.merge_identical_samples
+                else [(s, 1) for s in mini])
+        distinct += len(rows)
+        stats = _mini_batch_step(model, optimizer, mini, rows, cfg, pad_id, ref_model, dp)
         norms.append(stats.pop("train/grad_norm"))  # already global: not summed over ranks
         scheduler.step()
         for k, v in stats.items():
@@ -83,6 +92,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainCo
     totals = sum_metrics(totals, dp)
     return {**metrics, **totals, "train/grad_norm": sum(norms) / len(norms),
             "train/lr": scheduler.get_last_lr()[0], "train/samples": len(samples),
+            "train/distinct_samples": distinct,
             "train/tokens": sum(s.num_response for s in samples)}
 
 
@@ -96,21 +106,43 @@ def micro_batches(items: list, size: int, dp: DataParallel = SINGLE) -> list[lis
     return [mine[i * size:(i + 1) * size] for i in range(count)]
 
 
-def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad_id: int,
-                     ref_model, dp: DataParallel = SINGLE) -> dict:
+def merge_identical(samples: list[Sample]) -> list[tuple[Sample, int]]:
+    """(sample, count) for each distinct sample in order of first appearance: equal
+    tokens, response start, advantage, behaviour and old logprobs."""
+    index: dict[tuple, int] = {}
+    rows: list[tuple[Sample, int]] = []
+    for s in samples:
+        key = (tuple(s.ids), s.start, s.advantage, tuple(s.behaviour_logprobs),
+               None if s.old_logprobs is None else tuple(s.old_logprobs))
+        i = index.setdefault(key, len(rows))
+        if i == len(rows):
+            rows.append((s, 1))
+        else:
+            rows[i] = (rows[i][0], rows[i][1] + 1)
+    return rows
+
+
+def _mini_batch_step(model, optimizer, mini: list[Sample], rows: list[tuple[Sample, int]],
+                     cfg: TrainConfig, pad_id: int, ref_model,
+                     dp: DataParallel = SINGLE) -> dict:
+    """One optimizer step on `mini`, computed over `rows` (its distinct samples with their
+    counts; each count weights that row's tokens in every loss and statistic)."""
     a, o = cfg.algorithm, cfg.optim
     device = next(model.parameters()).device
     num_tokens = sum(s.num_response for s in mini)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
-    for micro in micro_batches(mini, o.micro_batch_size, dp):
+    for micro_rows in micro_batches(rows, o.micro_batch_size, dp):
         # A rank with no samples left runs one at weight 0 (FSDP2's collectives must run
         # on every rank) and keeps its statistics out of the sums.
-        dummy = not micro
-        micro = micro or mini[:1]
+        dummy = not micro_rows
+        micro_rows = micro_rows or rows[:1]
+        micro = [s for s, _ in micro_rows]
         acc: dict[str, float] = {} if dummy else sums
         ids, targets, mask = pad_batch([s.ids for s in micro], [s.start for s in micro],
                                        pad_id, device)
+        counts = torch.tensor([c for _, c in micro_rows], dtype=torch.float32, device=device)
+        weight = mask * counts[:, None]  # each row's tokens count once per sample it is
         behaviour = _per_token(micro, "behaviour_logprobs", mask)
         logprobs, entropy = token_logprobs(model, ids, targets, mask,
                                            cfg.rollout.temperature, o.logprob_chunk,
@@ -120,29 +152,30 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad
         if a.old_logprobs == "recompute":
             old = _per_token(micro, "old_logprobs", mask)
             if a.tis != "none":  # correct for the engine/trainer mismatch, per token
-                weights, tis = tis_weights(old, behaviour, mask, a.tis_low, a.tis_high, a.tis)
+                weights, tis = tis_weights(old, behaviour, weight, a.tis_low, a.tis_high,
+                                           a.tis)
                 adv = adv * weights
                 for k, v in tis.items():
-                    _add(acc, f"tis/{k}", float(v) * mask.sum().item() / num_tokens)
+                    _add(acc, f"tis/{k}", float(v) * weight.sum().item() / num_tokens)
         agg = dict(mode=a.loss_agg, num_tokens=num_tokens, num_seqs=len(mini))
-        pg, stats = ppo_clip_loss(logprobs, old, adv, mask, a.eps_low, a.eps_high,
+        pg, stats = ppo_clip_loss(logprobs, old, adv, weight, a.eps_low, a.eps_high,
                                   a.dual_clip, a.loss_agg, num_tokens, len(mini))
         loss = pg
         if a.entropy_coef:
-            loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, **agg)
+            loss = loss - a.entropy_coef * aggregate_loss(entropy, weight, **agg)
         if a.kl_coef and ref_model is not None:
             with torch.no_grad():
                 ref, _ = token_logprobs(ref_model, ids, targets, mask,
                                         cfg.rollout.temperature, o.logprob_chunk, False)
             kl = aggregate_loss(kl_penalty(logprobs, ref, a.kl_estimator, a.kl_clamp),
-                                mask, **agg)
+                                weight, **agg)
             loss = loss + a.kl_coef * kl
             _add(acc, "train/kl", kl.item())
         (loss * 0.0 if dummy else loss).backward()
-        share = mask.sum().item() / num_tokens
+        share = weight.sum().item() / num_tokens
         _add(acc, "train/loss", loss.item())
         _add(acc, "train/pg_loss", pg.item())
-        _add(acc, "train/entropy", aggregate_loss(entropy.detach(), mask,
+        _add(acc, "train/entropy", aggregate_loss(entropy.detach(), weight,
                                                    "token-mean").item() * share)
         for k, v in stats.items():
             _add(acc, f"train/{k}", float(v) * share)
@@ -157,8 +190,16 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], cfg: TrainConfig, pad
 def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
                            pad_id: int, dp: DataParallel = SINGLE) -> None:
     """The trainer's logprobs of every response token before this step's update (each
-    rank computes its share; every rank ends up with all of them)."""
+    rank computes its share; every rank ends up with all of them). With
+    optim.merge_identical_samples a sequence that appears more than once is computed once
+    and its samples share the result."""
     device = next(model.parameters()).device
+    everyone = samples
+    if cfg.optim.merge_identical_samples:
+        first: dict[tuple, Sample] = {}
+        for s in everyone:
+            first.setdefault((tuple(s.ids), s.start), s)
+        samples = list(first.values())
     mine: list[list[float]] = []
     for micro in micro_batches(samples, cfg.optim.micro_batch_size, dp):
         batch = micro or samples[:1]  # an empty share still joins the collectives
@@ -170,6 +211,9 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
     for rank, values in enumerate(all_gather_objects(mine, dp)):
         for s, v in zip(samples[rank::dp.world_size], values):
             s.old_logprobs = v
+    if everyone is not samples:
+        for s in everyone:
+            s.old_logprobs = first[(tuple(s.ids), s.start)].old_logprobs
 
 
 def _per_token(micro: list[Sample], attr: str, mask: torch.Tensor) -> torch.Tensor:

@@ -367,3 +367,21 @@ def test_max_variance_subset_balances_binary_rewards_and_draws_ties_at_random():
         max_variance_subset(rewards, 0)
     with pytest.raises(ValueError, match=r"\[N\]"):
         max_variance_subset(rewards[None], 2)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_a_weighted_mask_counts_a_row_as_often_as_its_weight(mode):
+    """A row with weight k at its valid positions equals k copies of the row."""
+    g = torch.Generator().manual_seed(0)
+    per_token = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    per_token[~mask] = float("nan")  # padding never leaks, weighted or not
+    counts = torch.tensor([3.0, 2.0, 1.0])  # a row with no valid position counts once
+    repeated = torch.repeat_interleave(torch.arange(3), counts.long())
+    expect = aggregate_loss(per_token[repeated], mask[repeated], mode)
+    got = aggregate_loss(per_token, mask * counts[:, None], mode)
+    torch.testing.assert_close(got, expect)
+    n_tok, n_seq = 17, 9  # given denominators are used as they are
+    torch.testing.assert_close(
+        aggregate_loss(per_token, mask * counts[:, None], mode, n_tok, n_seq),
+        aggregate_loss(per_token[repeated], mask[repeated], mode, n_tok, n_seq))

@@ -1,5 +1,7 @@
 """build_samples: advantages over all N samples of a group, and with
-algorithm.train_samples_per_group = k only the k max-variance samples enter the loss."""
+algorithm.train_samples_per_group = k only the k max-variance samples enter the loss.
+policy_update: merging identical samples (optim.merge_identical_samples) takes the same
+step as computing each one."""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from trainer.algorithms import compute_advantages
 from trainer.config import TrainConfig, load_config
 from trainer.data import Problem
 from trainer.rollout import Group
-from trainer.update import build_samples
+from trainer.update import build_samples, merge_identical
 
 
 def make_groups(rewards: list[list[float]]) -> list[Group]:
@@ -46,3 +48,70 @@ def test_down_sampling_keeps_k_per_group_with_full_group_advantages(k):
 def test_negative_train_samples_per_group_is_a_config_error():
     with pytest.raises(ValueError, match="train_samples_per_group"):
         load_config(None, ["algorithm.train_samples_per_group=-1"])
+
+
+def _groups_with_repeats(seed: int = 0) -> list[Group]:
+    """Two groups of 6 samples in which responses repeat (with equal behaviour logprobs,
+    as the engine gives them), as a peaked policy's do at large N."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for gi, pattern in enumerate([[0, 0, 1, 0, 2, 1], [0, 1, 1, 1, 1, 2]]):
+        prompt = torch.randint(3, 100, (4 + gi,), generator=g).tolist()
+        distinct = [torch.randint(3, 100, (2 + j,), generator=g).tolist() for j in range(3)]
+        logprobs = [(-3.0 + 0.3 * torch.randn(len(r), generator=g)).tolist() for r in distinct]
+        rewards = torch.tensor([float(j == 1) for j in pattern])
+        out.append(Group(Problem(f"p{gi}", "1", "math"), prompt,
+                         [list(distinct[j]) for j in pattern],
+                         [list(logprobs[j]) for j in pattern], ["stop"] * 6, rewards))
+    return out
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["algorithm.loss_agg=seq-mean-token-mean"],
+    ["algorithm.old_logprobs=recompute", "algorithm.tis=truncate", "algorithm.tis_low=0.9",
+     "algorithm.tis_high=1.05"],
+])
+def test_merging_identical_samples_gives_the_same_step(tmp_path, extra):
+    from tests.helpers import make_checkpoint
+    from trainer.policy import load_policy
+    from trainer.update import policy_update
+
+    path = str(tmp_path / "policy")
+    make_checkpoint(path, "qwen2", seed=2, tie_word_embeddings=True)
+    base = ["algorithm.num_mini_batches=2", "optim.micro_batch_size=2",
+            "algorithm.kl_coef=0.1", "algorithm.entropy_coef=0.01", *extra]
+    results = {}
+    for merge in (True, False):
+        cfg = load_config(None, [*base, f"optim.merge_identical_samples={merge}"])
+        model = load_policy(path)
+        ref = load_policy(path).eval()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        metrics = policy_update(model, opt, sched, _groups_with_repeats(), cfg, 0, ref,
+                                torch.Generator().manual_seed(5))
+        results[merge] = metrics, {n: p.detach().clone() for n, p in model.named_parameters()}
+    (merged, p_merged), (plain, p_plain) = results[True], results[False]
+    assert plain["train/distinct_samples"] == plain["train/samples"] == 12
+    assert merged["train/distinct_samples"] < 12
+    for name, p in p_plain.items():
+        torch.testing.assert_close(p_merged[name], p, atol=1e-6, rtol=1e-5, msg=name)
+    for k, v in plain.items():
+        if k != "train/distinct_samples":
+            assert merged[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    start = load_policy(path)
+    moved = max((p_plain[n] - p).abs().max().item() for n, p in start.named_parameters())
+    assert moved > 1e-4  # the step did something to compare
+
+
+def test_merge_identical_keeps_apart_what_differs():
+    from trainer.update import Sample
+
+    a = Sample([1, 2, 3], 2, 0.5, [-1.0])
+    rows = merge_identical([a, Sample([1, 2, 3], 2, 0.5, [-1.0]),
+                                       Sample([1, 2, 3], 2, 0.25, [-1.0]),
+                                       Sample([1, 2, 3], 2, 0.5, [-1.5]),
+                                       Sample([1, 2, 4], 2, 0.5, [-1.0]),
+                                       Sample([1, 2, 3], 1, 0.5, [-1.0])])
+    assert [c for _, c in rows] == [2, 1, 1, 1, 1]
+    assert rows[0][0] is a
