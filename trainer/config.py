@@ -96,6 +96,8 @@ class RolloutConfig:
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: fit memory)")
     attention_backend: str = _f("auto", "engine attention backend")
+    merge_identical_samples: bool = _f(True, "engine decode computes samples of a prompt "
+                                       "with identical tokens so far once")
     weight_sync_transport: str = _f("auto", 'trainer -> engine weights: "auto" (inprocess '
                                     'embedded; nccl on GPUs / gloo on CPUs with ray) | '
                                     "inprocess | gloo | nccl")

@@ -188,7 +188,8 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
     r = cfg.rollout
     return Engine(path, device=cfg.model.resolved_device, dtype=cfg.model.dtype,
                   page_size=r.page_size, max_kv_tokens=r.max_kv_tokens,
-                  attention_backend=r.attention_backend)
+                  attention_backend=r.attention_backend,
+                  merge_identical_samples=r.merge_identical_samples)
 
 
 def sync_weights(run: Run, step: int) -> dict:
