@@ -156,6 +156,8 @@ class Engine:
         return finished
 
     def _start(self, plan: Plan) -> int:
+        for s in plan.start:  # their contexts are the prompt until they draw a token
+            s.merged_with = s.group
         rows = [s.group.first_logits for s in plan.start]
         finished = self._append(torch.stack(rows), plan.start)
         for g in {id(s.group): s.group for s in plan.start}.values():
@@ -183,6 +185,7 @@ class Engine:
             else:
                 self._counters["recomputed_tokens"] += n
                 item.target.num_cached = len(item.target.token_ids)
+                item.target.merged_with = None
                 resumed.append(item.target)
                 rows.append(i)
         return self._append(logits[rows], resumed) if resumed else 0
@@ -194,6 +197,8 @@ class Engine:
         else:
             rows, index = seqs, None
         logits = self.runner.decode(rows)
+        for i, s in enumerate(seqs):
+            s.merged_with = s if index is None else rows[index[i]]
         if index is not None:  # the merged samples get their row's new KV and logits
             src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
             self.runner.copy_new_kv(src, [s for r, s in zip(index, seqs) if rows[r] is not s])
@@ -267,7 +272,7 @@ def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] 
     for s in seqs:
         candidates = by_key.setdefault((id(s.group), s.context_key), [])
         for r in candidates:  # equal keys: check the tokens (a hash can collide)
-            if rows[r].token_ids == s.token_ids:
+            if _same_context(rows[r], s):
                 index.append(r)
                 break
         else:
@@ -275,6 +280,15 @@ def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] 
             index.append(len(rows))
             rows.append(s)
     return rows, (index if len(rows) < len(seqs) else None)
+
+
+def _same_context(a: Sequence, b: Sequence) -> bool:
+    """Whether two samples of one group hold the same tokens. Samples that were identical
+    one token ago (same merged_with, same length) compare their last token only."""
+    if a.merged_with is not None and a.merged_with is b.merged_with:
+        return (len(a.token_ids) == len(b.token_ids)
+                and a.token_ids[-1] == b.token_ids[-1])
+    return a.token_ids == b.token_ids
 
 
 def _progress(total: int, enabled: bool):

@@ -80,6 +80,10 @@ class Sequence:
     # Rolling hash of the output tokens: samples of one group with equal keys (and equal
     # tokens, checked) have identical contexts, so decode can compute them once.
     context_key: int = 0
+    # Shared by the samples whose contexts were identical one token ago: the group once
+    # the first token is drawn, the decode row a sample was merged into after each decode;
+    # None after a recompute. Lets the check compare one token instead of all of them.
+    merged_with: object | None = None
 
     @property
     def num_output(self) -> int:

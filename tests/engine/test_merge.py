@@ -70,8 +70,9 @@ def test_equal_context_keys_with_different_tokens_stay_apart():
     """The rolling hash only proposes merges; the tokens decide."""
 
     class Seq:
-        def __init__(self, group, tokens, key):
+        def __init__(self, group, tokens, key, merged_with=None):
             self.group, self.token_ids, self.context_key = group, tokens, key
+            self.merged_with = merged_with
 
     g1, g2 = object(), object()
     seqs = [Seq(g1, [1, 2], 7), Seq(g1, [1, 3], 7), Seq(g1, [1, 2], 7), Seq(g2, [1, 2], 7),
@@ -80,3 +81,9 @@ def test_equal_context_keys_with_different_tokens_stay_apart():
     assert rows == [seqs[0], seqs[1], seqs[3]]
     assert index == [0, 1, 0, 2, 1]
     assert _distinct_contexts(seqs[:2]) == (seqs[:2], None)
+    # samples that were one row a token ago compare their last token (and length) only
+    row = object()
+    seqs = [Seq(g1, [1, 2, 5], 7, row), Seq(g1, [1, 2, 6], 7, row), Seq(g1, [1, 2, 5], 7, row),
+            Seq(g1, [1, 2, 5, 5], 7, row), Seq(g1, [1, 2, 5], 7, None)]
+    rows, index = _distinct_contexts(seqs)
+    assert index == [0, 1, 0, 2, 0]
