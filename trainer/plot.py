@@ -1,6 +1,6 @@
 """Training curves of a run as a PNG, after the BroRL blog's Figure 1: held-out accuracy
 (mean@k, pass@k, greedy), mean reward and the rollout pass rate (measured, predicted, and
-predicted at N=16) against hours of training."""
+predicted at N=16) against training time."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     metrics.jsonl, ValueError when no panel has data, RuntimeError without matplotlib."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    hours = _hours(rows)
-    curves = [(p, c) for p in PANELS if (c := _curves(p, rows, hours))]
+    xs, unit = _time_axis(_seconds(rows))
+    curves = [(p, c) for p in PANELS if (c := _curves(p, rows, xs))]
     if not curves:
         keys = ", ".join(s.key for p in PANELS for s in p.series)
         raise ValueError(f"{run_dir}: no usable metrics rows to plot (looked for {keys})")
     path = _out_path(run_dir, out)
-    _draw(curves, path, title=run_dir.resolve().name, k=_eval_k(rows))
+    _draw(curves, path, title=run_dir.resolve().name, k=_eval_k(rows), unit=unit)
     return [path]
 
 
@@ -64,7 +64,7 @@ def _number(value) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _hours(rows: list[dict]) -> list[float | None]:
+def _seconds(rows: list[dict]) -> list[float | None]:
     """x of each row: `elapsed_s` (training time, carried across resumes) when the row has it,
     else wall time since the first row."""
     times = [t for r in rows if (t := _number(r.get("time"))) is not None]
@@ -74,15 +74,24 @@ def _hours(rows: list[dict]) -> list[float | None]:
         seconds = _number(r.get("elapsed_s"))
         if seconds is None and t0 is not None and (t := _number(r.get("time"))) is not None:
             seconds = t - t0
-        out.append(None if seconds is None else seconds / 3600)
+        out.append(seconds)
     return out
 
 
-def _curves(panel: Panel, rows: list[dict], hours: list[float | None]):
+def _time_axis(seconds: list[float | None]) -> tuple[list[float | None], str]:
+    """The x values in the unit that suits the run's length: seconds up to 5 minutes,
+    minutes up to 3 hours, hours beyond."""
+    longest = max((t for t in seconds if t is not None), default=0.0)
+    unit, scale = next((u, d) for u, d, limit in (("seconds", 1, 300), ("minutes", 60, 3 * 3600),
+                                                 ("hours", 3600, math.inf)) if longest <= limit)
+    return [None if t is None else t / scale for t in seconds], unit
+
+
+def _curves(panel: Panel, rows: list[dict], times: list[float | None]):
     """(series, xs, ys) for each series of `panel` with at least one point."""
     found = []
     for s in panel.series:
-        points = [(x, y) for x, r in zip(hours, rows)
+        points = [(x, y) for x, r in zip(times, rows)
                   if x is not None and (y := _number(r.get(s.key))) is not None]
         if points:
             xs, ys = zip(*points)
@@ -103,7 +112,7 @@ def _out_path(run_dir: Path, out: str | Path | None) -> Path:
     return path
 
 
-def _draw(curves, path: Path, title: str, k: int | None) -> None:
+def _draw(curves, path: Path, title: str, k: int | None, unit: str) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -119,7 +128,7 @@ def _draw(curves, path: Path, title: str, k: int | None) -> None:
             marker = "o" if len(xs) < 30 else None  # sparse (eval) points stay visible
             ax.plot(xs, ys, s.style, marker=marker, markersize=3, label=label)
         ax.set_title(panel.title)
-        ax.set_xlabel("hours")
+        ax.set_xlabel(f"training time ({unit})")
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -155,3 +155,12 @@ def test_plot_run_without_usable_rows_raises_naming_the_run_dir(tmp_path):
         w.log(1, {"other": 1.0, "reward/mean": math.nan})
     with pytest.raises(ValueError, match="no usable"):
         plot_run(tmp_path)
+
+
+def test_the_time_axis_unit_follows_the_run_length():
+    from trainer.plot import _time_axis
+
+    assert _time_axis([None, 0.0, 42.0]) == ([None, 0.0, 42.0], "seconds")
+    assert _time_axis([0.0, 600.0]) == ([0.0, 10.0], "minutes")
+    assert _time_axis([0.0, 7200.0, 5 * 3600.0]) == ([0.0, 2.0, 5.0], "hours")
+    assert _time_axis([None]) == ([None], "seconds")
