@@ -23,6 +23,11 @@ from engine.scheduler import Plan, Scheduler
 from engine.tokenizer import load_tokenizer
 
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
+# Merged decode rows feed the sampler as they are (each row's weights once, a binary search
+# per sample) when there are at most 1/16 as many rows as samples; otherwise the rows are
+# expanded for the fused per-sample sampler, which is ~8x faster per row on CPU (vocab
+# 151936, batch 512: 0.04 s against 0.18 s at 16 rows, 0.40 s against 0.21 s at 128).
+_SHARED_ROW_SAMPLING = 16
 
 
 class Engine:
@@ -199,22 +204,28 @@ class Engine:
         logits = self.runner.decode(rows)
         for i, s in enumerate(seqs):
             s.merged_with = s if index is None else rows[index[i]]
+        shared = None
         if index is not None:  # the merged samples get their row's new KV and logits
             src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
             self.runner.copy_new_kv(src, [s for r, s in zip(index, seqs) if rows[r] is not s])
-            logits = logits[torch.tensor(index, device=logits.device)]
+            if len(rows) * _SHARED_ROW_SAMPLING <= len(seqs):
+                shared = index  # the sampler reads each row once
+            else:
+                logits = logits[torch.tensor(index, device=logits.device)]
         for s in seqs:
             s.num_cached += 1
-        finished = self._append(logits, seqs)
+        finished = self._append(logits, seqs, shared)
         self._counters["decode_rows"] += len(rows)
         self._seconds["decode_seconds"] += time.perf_counter() - t0
         self._counters["decode_steps"] += 1
         self._counters["decode_tokens"] += len(seqs)
         return finished
 
-    def _append(self, logits: torch.Tensor, seqs: list[Sequence]) -> int:
-        """Samples one token per sequence, appends it and finishes samples that stop."""
-        tokens, logprobs = self.sampler(logits, seqs)
+    def _append(self, logits: torch.Tensor, seqs: list[Sequence],
+                rows: list[int] | None = None) -> int:
+        """Samples one token per sequence (from logits[rows[i]] when rows is given),
+        appends it and finishes samples that stop."""
+        tokens, logprobs = self.sampler(logits, seqs, rows)
         finished = 0
         for s, tok, lp in zip(seqs, tokens, logprobs):
             s.token_ids.append(tok)

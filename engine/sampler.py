@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from engine.request import Sequence
-from kernels.sampling import row_keys, sample
+from kernels.sampling import row_keys, sample, sample_rows_ref
 
 
 class Sampler:
@@ -19,10 +19,11 @@ class Sampler:
         self.impl = impl
         self.last_seconds = 0.0  # the sampling kernel of the last call
 
-    def __call__(self, logits: torch.Tensor,
-                 seqs: list[Sequence]) -> tuple[list[int], list[float]]:
-        """Draws the next token of each sequence from its row of logits [B, vocab]."""
-        params = [s.group.params for s in seqs]
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
+                 rows: list[int] | None = None) -> tuple[list[int], list[float]]:
+        """Draws the next token of each sequence from its row of logits [B, vocab]. With
+        `rows`, logits holds one row per distinct context [R, vocab] and seqs[i] draws
+        from row rows[i] with its own noise (samples of a row share group and length)."""
         dev = self.device
 
         def col(values, dtype):
@@ -30,19 +31,28 @@ class Sampler:
 
         keys = row_keys([s.group.seed for s in seqs], [s.group.index for s in seqs],
                         [s.index for s in seqs], [s.num_output for s in seqs])
+        owners = seqs  # the sequence whose parameters and bans each row of logits takes
+        if rows is not None:
+            first: dict[int, Sequence] = {}
+            for s, r in zip(seqs, rows):
+                first.setdefault(r, s)
+            owners = [first[r] for r in range(len(first))]
+        params = [s.group.params for s in owners]
         banned = None
-        for row, s in enumerate(seqs):
+        for row, s in enumerate(owners):
             if s.num_output < s.group.params.min_tokens and s.group.stop_ids:
                 if banned is None:
                     banned = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
                 banned[row, list(s.group.stop_ids)] = True
         t0 = time.perf_counter()
-        tokens, logprobs = sample(
-            logits,
-            col([p.temperature for p in params], torch.float32),
-            col([p.top_k for p in params], torch.int64),
-            col([p.top_p for p in params], torch.float32),
-            col([p.min_p for p in params], torch.float32),
-            np.asarray(keys), banned, impl=self.impl)
+        columns = (col([p.temperature for p in params], torch.float32),
+                   col([p.top_k for p in params], torch.int64),
+                   col([p.top_p for p in params], torch.float32),
+                   col([p.min_p for p in params], torch.float32))
+        if rows is None:
+            tokens, logprobs = sample(logits, *columns, np.asarray(keys), banned, impl=self.impl)
+        else:  # each row's weights once, a binary search per sample
+            tokens, logprobs = sample_rows_ref(logits, col(rows, torch.int64), *columns,
+                                               np.asarray(keys), banned)
         self.last_seconds = time.perf_counter() - t0
         return tokens.tolist(), logprobs.tolist()

@@ -116,6 +116,44 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
     return _finish(logits, z, zb, temperature, tokens, lse)
 
 
+def sample_rows_ref(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+                    top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                    keys: np.ndarray, banned: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of samples that share rows of logits (identical contexts): logits [R, V]
+    with per-row parameters [R] and banned [R, V]; rows int64 [B], each sample's row;
+    keys uint64 [B], one per sample. Returns what `sample_ref` returns for logits[rows],
+    params[rows], banned[rows] and keys, while each row's truncation, weights and
+    cumulative sums are computed once and each sample costs a binary search."""
+    if logits.dim() != 2 or rows.dim() != 1 or len(keys) != rows.shape[0]:
+        raise ValueError(f"need logits [R, V], rows [B] and B keys, got {tuple(logits.shape)}, "
+                         f"{tuple(rows.shape)} and {len(keys)} keys")
+    V = logits.shape[1]
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    z64 = zb.double()
+    m = z64.max(dim=-1, keepdim=True).values
+    e = torch.exp(z64 - m)
+    lse = m[:, 0] + torch.log(e.sum(-1)) if banned is None else _lse64(z)
+    c = torch.where(zb >= thr[:, None], e, torch.zeros_like(e)).cumsum(-1)
+    u = torch.from_numpy(uniforms(keys)).to(logits.device)
+    target = u * c[rows, -1]
+    tokens = torch.empty(rows.shape, dtype=torch.int64, device=logits.device)
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=logits.shape[0]).tolist()
+    start = 0
+    for r, count in enumerate(counts):  # c[r] is sorted: #{c_i <= t} is a binary search
+        if count:
+            mine = order[start:start + count]
+            tokens[mine] = torch.searchsorted(c[r], target[mine], right=True)
+            start += count
+    tokens = tokens.clamp(max=V - 1)
+    greedy = temperature == 0
+    if bool(greedy.any()):
+        tokens = torch.where(greedy[rows], zb.argmax(dim=-1)[rows], tokens)
+    logprobs = (z[rows, tokens].double() - lse[rows]).float()
+    return tokens, logprobs
+
+
 def _prepare(logits, temperature, top_k, top_p, min_p, banned):
     z = scaled_logits(logits, temperature)
     zb = z if banned is None else z.masked_fill(banned, -math.inf)

@@ -87,3 +87,30 @@ def test_equal_context_keys_with_different_tokens_stay_apart():
             Seq(g1, [1, 2, 5, 5], 7, row), Seq(g1, [1, 2, 5], 7, None)]
     rows, index = _distinct_contexts(seqs)
     assert index == [0, 1, 0, 2, 0]
+
+
+@pytest.mark.parametrize("shared_rows", [True, False])
+def test_stop_rules_and_min_tokens_hold_for_merged_samples(qwen2, monkeypatch, shared_rows):
+    """Merged rows go to the sampler once per row (shared_rows: the samples' bans and
+    parameters are their row's) or expanded per sample: stop tokens, min_tokens bans and
+    max_tokens give what they give alone."""
+    import engine.engine
+
+    monkeypatch.setattr(engine.engine, "_SHARED_ROW_SAMPLING", 1 if shared_rows else 10**9)
+    path, model = qwen2
+    prompts = [list(range(5, 23)), list(range(40, 43))]
+    # the most likely first tokens are stop tokens, so min_tokens has something to ban
+    with torch.no_grad():
+        first = model(torch.tensor([prompts[0]])).logits[0, -1].topk(3).indices.tolist()
+    params = SamplingParams(n=32, temperature=0.05, max_tokens=12, seed=4, min_tokens=3,
+                            stop_token_ids=first)
+    merged_engine, merged = run(path, prompts, params)
+    _, plain = run(path, prompts, params, merge_identical_samples=False)
+    assert_same(merged, plain)
+    s = merged_engine.stats()
+    assert s["decode_rows"] < s["decode_tokens"] / 2
+    reasons = {c.finish_reason for o in merged for c in o.outputs}
+    assert reasons == {"stop", "length"}
+    for c in merged[0].outputs:
+        assert len(c.token_ids) >= 3
+        assert not set(c.token_ids[:2]) & set(first)

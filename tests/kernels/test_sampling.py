@@ -1,5 +1,6 @@
-"""The sampler: exact agreement of the numba path with the torch reference, the sampled
-distribution (chi-square), truncation sets, greedy rows, logprobs and noise keys."""
+"""The sampler: exact agreement of the numba path and of the shared-row sampler with the
+torch reference, the sampled distribution (chi-square), truncation sets, greedy rows,
+logprobs and noise keys."""
 
 import math
 
@@ -11,6 +12,7 @@ from kernels.sampling import (
     row_keys,
     sample,
     sample_ref,
+    sample_rows_ref,
     scaled_logits,
     truncation_threshold_ref,
 )
@@ -166,3 +168,38 @@ def test_vectorised_exp_is_within_an_ulp_of_libm():
     want = np.exp(xs)
     assert np.all(np.abs(got - want) <= 2.3e-16 * want), np.max(np.abs(got - want) / want)
     assert _exp_nonpositive(-np.inf) == 0.0 and _exp_nonpositive(-800.0) == 0.0
+
+
+@pytest.mark.parametrize("ban", [False, True])
+def test_shared_rows_draw_what_the_reference_draws_on_repeated_rows(ban):
+    """sample_rows_ref on R distinct rows shared by B samples equals sample_ref on the
+    rows repeated, token for token and logprob for logprob."""
+    torch.manual_seed(2)
+    R, V = 8, 500
+    logits = torch.randn(R, V) * 3
+    temperature = torch.tensor([1.0, 0.0, 0.6, 1.4, 1.0, 1.0, 0.8, 1.0])
+    top_k = torch.tensor([-1, -1, 40, -1, 5, -1, -1, -1])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 1.0, 1.0, 0.7, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1, 0.0])
+    banned = None
+    if ban:
+        banned = torch.zeros(R, V, dtype=torch.bool)
+        banned[::2, logits[0].argmax()] = True
+        banned[1, :250] = True
+    rows = torch.tensor([0, 3, 0, 1, 2, 2, 2, 7, 5, 5, 4, 6, 0, 3, 6, 5] * 4)
+    B = rows.shape[0]
+    keys = keys_for(B, seed=5, position=3)
+    tokens, logprobs = sample_rows_ref(logits, rows, temperature, top_k, top_p, min_p, keys,
+                                       banned)
+    expect_t, expect_lp = sample_ref(logits[rows], temperature[rows], top_k[rows], top_p[rows],
+                                     min_p[rows], keys, None if banned is None else banned[rows])
+    assert torch.equal(tokens, expect_t)
+    assert torch.equal(logprobs, expect_lp)
+    assert len(set(tokens[rows == 0].tolist())) > 1  # samples of one row draw apart
+    assert len(set(tokens[rows == 1].tolist())) == 1  # a greedy row does not
+
+
+def test_shared_rows_reject_mismatched_shapes():
+    logits = torch.randn(2, 10)
+    with pytest.raises(ValueError, match="rows"):
+        sample_rows_ref(logits, torch.tensor([0, 1, 1]), *params(2), keys_for(2))
