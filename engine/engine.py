@@ -266,9 +266,15 @@ class Engine:
 
     def _output(self, g: Group) -> RequestOutput:
         outs = []
+        texts: dict[tuple[int, ...], str] = {}  # a group's repeated outputs decode once
         for s in g.samples:
             ids = s.output_ids
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else None
+            text = None
+            if self.tokenizer:
+                key = tuple(ids)
+                if key not in texts:
+                    texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = texts[key]
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
