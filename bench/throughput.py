@@ -186,6 +186,9 @@ def main(argv=None) -> dict:
                     help="total 128, N in {16, 128}, 32 new tokens: a smoke run")
     ap.add_argument("--backends", nargs="*", default=[], choices=list(BACKENDS),
                     help="also run engine/cascade with these attention backends forced")
+    ap.add_argument("--unmerged", action="store_true",
+                    help="also run engine/cascade with merge_identical_samples off (what "
+                         "merging costs when samples part at once, as a random model's do)")
     ap.add_argument("--hf-bf16", action="store_true",
                     help="also run transformers in bfloat16 (the fair baseline for cpp-bf16)")
     ap.add_argument("--repeats", type=int, default=3,
@@ -231,6 +234,11 @@ def main(argv=None) -> dict:
                 runs.append((f"engine/cascade[{name}]",
                              partial(run_engine, tmp, prompts, n, args.new_tokens, True,
                                      args.seed, backend, dtype, device=dev)))
+            if args.unmerged:
+                runs.append(("engine/cascade[unmerged]",
+                             partial(run_engine, tmp, prompts, n, args.new_tokens, True,
+                                     args.seed, dtype=dt, device=dev,
+                                     merge_identical_samples=False)))
             if n in hf_ns:
                 runs.append(("transformers", partial(run_transformers, tmp, prompts, n,
                                                      args.new_tokens, args.seed, dt, dev)))
@@ -254,6 +262,7 @@ def main(argv=None) -> dict:
                               total=args.total,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                               ns=args.ns, backends=args.backends, hf_bf16=args.hf_bf16,
+                              unmerged=args.unmerged,
                               repeats=args.repeats,
                               seed=args.seed,
                               dtype=dt, temperature=1.0),
@@ -300,6 +309,9 @@ def ratios(rows: list[dict], ns: list[int]) -> dict:
             if (f"engine/cascade[{name}]", n) in rate and ("engine/cascade[torch]", n) in rate:
                 out[f"{name}_over_torch_n{n}"] = (rate[f"engine/cascade[{name}]", n]
                                                   / rate["engine/cascade[torch]", n])
+        if ("engine/cascade[unmerged]", n) in rate:
+            out[f"merged_over_unmerged_n{n}"] = (rate["engine/cascade", n]
+                                                 / rate["engine/cascade[unmerged]", n])
         if ("engine/cascade[cpp-bf16]", n) in rate and ("transformers[bf16]", n) in rate:
             out[f"cpp-bf16_over_transformers-bf16_n{n}"] = (
                 rate["engine/cascade[cpp-bf16]", n] / rate["transformers[bf16]", n])
