@@ -25,8 +25,8 @@ OVERRIDES = ["algorithm.num_mini_batches=2", "optim.micro_batch_size=1",
 
 
 def _groups(seed: int = 0) -> list[Group]:
-    """Two groups of 3 samples with mixed rewards; behaviour logprobs near the policy's
-    (random offsets, so some ratios clip)."""
+    """Two groups of 3 samples with mixed rewards, two of them equal; behaviour logprobs
+    near the policy's (random offsets, so some ratios clip)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for gi, rewards in enumerate([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]):
@@ -34,6 +34,8 @@ def _groups(seed: int = 0) -> list[Group]:
         responses = [torch.randint(3, 100, (3 + j,), generator=g).tolist() for j in range(3)]
         behaviour = [(-4.0 + 0.3 * torch.randn(len(r), generator=g)).tolist()
                      for r in responses]
+        if gi == 1:  # two equal samples (reward 1 both): merged into one weighted row
+            responses[2], behaviour[2] = list(responses[1]), list(behaviour[1])
         out.append(Group(Problem(f"p{gi}", "1", "math"), prompt, responses, behaviour,
                          ["stop"] * 3, torch.tensor(rewards)))
     return out
@@ -132,6 +134,7 @@ def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
     for k in ("train/loss", "train/pg_loss", "train/kl", "train/entropy",
               "train/clip_fraction", "train/grad_norm"):
         assert metrics[k] == pytest.approx(single[k], rel=1e-4, abs=1e-7), k
+    assert single["train/distinct_samples"] == metrics["train/distinct_samples"] == 5
 
 
 def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: int,
