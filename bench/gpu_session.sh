@@ -31,4 +31,8 @@ echo "throughput rc=$?" >> "$OUT/throughput.log"
 timeout 300 $PY -m trainer.cli train steps=2 eval.every=0 output_dir="$OUT/demo-gpu" \
   > "$OUT/demo-gpu.log" 2>&1
 echo "demo rc=$?" >> "$OUT/demo-gpu.log"
+# N=512 over N=16 on the demo's trained policy (cached by the demo above), merging on/off
+timeout 180 $PY bench/large_n_trained.py --device cuda --repeats 2 \
+  --out "$OUT/large-n-trained-gpu.json" > "$OUT/large-n-trained.log" 2>&1
+echo "large-n-trained rc=$?" >> "$OUT/large-n-trained.log"
 tail -n 3 "$OUT"/*.log

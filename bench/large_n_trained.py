@@ -12,7 +12,7 @@ repeats one another. The engine decodes each distinct context once
 (`merge_identical_samples`), so large N costs less per sample, on top of prefilling 32x
 fewer prompts. Rows alternate N and merging on each repeat and report the median; each run
 starts from an empty prefix cache and unseen prompts. Writes
-bench/results/large-n-trained-cpu.json.
+bench/results/large-n-trained-<device>.json (--device cuda runs the engine on a GPU).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
+    from bench.throughput import device_name
     from engine import Engine, SamplingParams
     from trainer.config import load_config
     from trainer.data import gym_problems, render_prompt
@@ -42,9 +43,15 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[16, 512])
     ap.add_argument("--total", type=int, default=8192, help="samples per run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", type=Path,
-                    default=ROOT / "bench" / "results" / "large-n-trained-cpu.json")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default bench/results/large-n-trained-<device>.json)")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
+    name = f"large-n-trained-{device_name(args.device)}.json"
+    out = args.out or ROOT / "bench" / "results" / name
     bad = [n for n in args.ns if n < 1 or args.total % n]
     if bad:
         ap.error(f"every N must divide --total={args.total}; these do not: {bad}")
@@ -54,7 +61,8 @@ def main() -> None:
     runs = [(n, merge) for _ in range(args.repeats) for n in args.ns for merge in (True, False)]
     needed = sum(args.total // n for n, _ in runs) + args.total // min(args.ns)
     problems = gym_problems("chain_sum", needed, 12345, cfg.data.gym_kwargs, "auto")
-    engines = {m: Engine(path, merge_identical_samples=m) for m in (True, False)}
+    engines = {m: Engine(path, device=args.device, dtype=args.dtype,
+                         merge_identical_samples=m) for m in (True, False)}
     prompts = [render_prompt(p, engines[True].tokenizer) for p in problems]
     params = {n: SamplingParams(n=n, temperature=cfg.rollout.temperature,
                                 max_tokens=cfg.rollout.max_tokens, seed=1) for n in args.ns}
@@ -103,18 +111,21 @@ def main() -> None:
               + "".join(f"{rate[n, merge]:10.0f}" for n in args.ns))
     for k, v in ratios.items():
         print(f"{k:32s} {v:.2f}x")
-    result = dict(benchmark="large_n_trained", device="cpu", cpu_count=os.cpu_count(),
+    result = dict(benchmark="large_n_trained", device=device_name(args.device),
+                  cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(),
                   versions={"python": platform.python_version(), "torch": torch.__version__},
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds"),
                   config=dict(policy=str(path), task="chain_sum",
                               gym_kwargs=cfg.data.gym_kwargs, total=args.total, ns=args.ns,
-                              repeats=args.repeats, temperature=cfg.rollout.temperature,
+                              repeats=args.repeats, dtype=args.dtype,
+                              temperature=cfg.rollout.temperature,
                               max_tokens=cfg.rollout.max_tokens),
                   rows=rows, ratios=ratios)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
 
 
 if __name__ == "__main__":
