@@ -81,6 +81,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     r = cfg.rollout
     kept, generated, draw = [], [], 0
     before = dict(pool.stats)
+    engine_before = _decode_counts(engine)
     start = time.perf_counter()
     while len(kept) < r.prompts_per_step and len(generated) < r.max_prompts_per_step:
         need = r.prompts_per_step - len(kept)
@@ -100,7 +101,20 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     metrics = rollout_metrics(generated, kept, seconds)
     for key in ("timeouts", "errors"):  # those samples scored 0; the run goes on
         metrics[f"verifier/{key}"] = pool.stats[key] - before[key]
+    engine_after = _decode_counts(engine)
+    if engine_before and engine_after and engine_after[0] > engine_before[0]:
+        # the share of sample-tokens the model computed (merged samples decode as one row)
+        metrics["rollout/decode_rows_fraction"] = ((engine_after[1] - engine_before[1])
+                                                   / (engine_after[0] - engine_before[0]))
     return Rollouts(kept, metrics)
+
+
+def _decode_counts(engine) -> tuple[int, int] | None:
+    """(decode_tokens, decode_rows) of engines that count them (ours; not SGLang)."""
+    stats = engine.stats() if hasattr(engine, "stats") else {}
+    if "decode_tokens" in stats and "decode_rows" in stats:
+        return stats["decode_tokens"], stats["decode_rows"]
+    return None
 
 
 def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -> dict:

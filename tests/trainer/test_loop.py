@@ -56,6 +56,8 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
         for _ in range(2):
             m = train_step(run)
             assert m["rollout/groups_kept"] >= 1
+            assert 0 < m["rollout/decode_rows_fraction"] <= 1
+            assert 0 < m["train/distinct_samples"] <= m["train/samples"]
             assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/kl"])
             assert m["train/grad_norm"] > 0
             assert _engine_matches_trainer(run) < 1e-4  # weights reached the engine
