@@ -14,8 +14,10 @@ PROMPTS = [list(range(3, 3 + 4 * PAGE + 2)), list(range(40, 47)), list(range(60,
 
 
 def generate(path, backend, cascade, dtype="float32", temperature=0.0):
+    # merging off: greedy samples would decode as one row, and the kernels are to see
+    # groups of 6
     engine = Engine(path, page_size=PAGE, max_kv_tokens=8192, attention_backend=backend,
-                    cascade_decode=cascade, dtype=dtype)
+                    cascade_decode=cascade, dtype=dtype, merge_identical_samples=False)
     params = SamplingParams(n=6, max_tokens=12, seed=7, temperature=temperature,
                             ignore_eos=True, logprobs=True)
     outs = engine.generate(PROMPTS, params)
