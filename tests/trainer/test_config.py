@@ -66,3 +66,13 @@ def test_shipped_demo_yaml_is_valid_and_complete():
     assert DEMO_CONFIG.is_file()
     cfg = load_config(DEMO_CONFIG)
     assert cfg.model.path == "demo" and cfg.rollout.dynamic_sampling
+
+
+def test_shipped_gpu_template_parses_with_the_papers_settings():
+    from trainer.config import DEMO_CONFIG
+
+    cfg = load_config(DEMO_CONFIG.parent / "brorl-gpu.yaml")
+    assert (cfg.rollout.n, cfg.rollout.prompts_per_step) == (512, 128)
+    assert cfg.model.device == "cuda" and cfg.launcher == "ray"
+    assert cfg.lr == pytest.approx(2e-6 * (512 * 128 / 8192) ** 0.5)
+    assert cfg.algorithm.old_logprobs == "recompute" and cfg.algorithm.tis == "mask"
