@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from trainer.loop import train
+    from trainer.loop import check_inputs, train
 
     if args.launcher:
         args.overrides = [*args.overrides, f"launcher={args.launcher}"]
@@ -58,6 +58,7 @@ def _train(args) -> int:
         cfg = load_config(args.config or (saved if saved.is_file() else None), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)
     if cfg.launcher == "ray":
         from trainer.launch_ray import train_ray as train
     result = train(cfg, resume=args.resume)

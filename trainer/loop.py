@@ -28,7 +28,7 @@ from trainer.checkpoint import (
     set_rng_state,
 )
 from trainer.config import TrainConfig, to_dict
-from trainer.data import ProblemStream, load_problems
+from trainer.data import GYM_PREFIX, ProblemStream, load_problems
 from trainer.evaluate import evaluate
 from trainer.metrics import MetricsWriter, read_metrics
 from trainer.parallel import (
@@ -289,6 +289,23 @@ def _restore(run: Run, ckpt: Path) -> None:
         log.info("resumed from %s (step %d)", ckpt, run.step)
 
 
+def check_inputs(cfg: TrainConfig) -> None:
+    """Fails fast, before any engine, process or Ray actor starts, on inputs that cannot
+    work: a model.path that is no checkpoint, data files that do not exist, a CUDA device
+    that is not there."""
+    if cfg.model.path != "demo":
+        _require_checkpoint(cfg.model.path)
+    for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if value and not value.startswith(GYM_PREFIX) and not Path(value).is_file():
+            raise FileNotFoundError(f"{key} {value!r}: no such file")
+    if cfg.model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("model.device is cuda but torch sees no CUDA device (a CPU "
+                             "build of torch, or no GPU); use model.device=auto or cpu")
+
+
 def _initial_policy(cfg: TrainConfig) -> str:
     if cfg.model.path == "demo":
         from trainer.demo import demo_policy
@@ -298,10 +315,14 @@ def _initial_policy(cfg: TrainConfig) -> str:
                         "evaluates on %s (demo.task_kwargs vs data.gym_kwargs)",
                         cfg.demo.task_kwargs, cfg.data.gym_kwargs)
         return demo_policy(cfg.demo, cfg.progress)
-    if not (Path(cfg.model.path) / "config.json").is_file():
-        raise FileNotFoundError(f"model.path {cfg.model.path!r} is not a checkpoint directory "
-                                f"(no config.json)")
+    _require_checkpoint(cfg.model.path)
     return cfg.model.path
+
+
+def _require_checkpoint(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path!r} is not a checkpoint directory "
+                                f"(no config.json)")
 
 
 def _frozen_copy(model):

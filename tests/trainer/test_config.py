@@ -69,10 +69,35 @@ def test_shipped_demo_yaml_is_valid_and_complete():
 
 
 def test_shipped_gpu_template_parses_with_the_papers_settings():
-    from trainer.config import DEMO_CONFIG
-
     cfg = load_config(DEMO_CONFIG.parent / "brorl-gpu.yaml")
     assert (cfg.rollout.n, cfg.rollout.prompts_per_step) == (512, 128)
     assert cfg.model.device == "cuda" and cfg.launcher == "ray"
     assert cfg.lr == pytest.approx(2e-6 * (512 * 128 / 8192) ** 0.5)
     assert cfg.algorithm.old_logprobs == "recompute" and cfg.algorithm.tis == "mask"
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.path=/nonexistent/ckpt"], "model.path '/nonexistent/ckpt' is not a checkpoint"),
+    (["data.train=/nonexistent/train.jsonl"], "data.train '/nonexistent/train.jsonl': no such"),
+    (["data.eval=/nonexistent/eval.jsonl"], "data.eval '/nonexistent/eval.jsonl': no such"),
+])
+def test_train_fails_fast_on_missing_inputs_before_starting_anything(
+        tmp_path, capsys, overrides, match):
+    from trainer.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--launcher", "ray", f"output_dir={out}", *overrides])
+    assert code == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()  # no run directory, no Ray cluster: it failed before them
+
+
+def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
+    import torch
+
+    from trainer.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["train", "model.device=cuda", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "model.device is cuda but torch sees no CUDA device" in capsys.readouterr().err
