@@ -292,7 +292,10 @@ def _restore(run: Run, ckpt: Path) -> None:
 def check_inputs(cfg: TrainConfig) -> None:
     """Fails fast, before any engine, process or Ray actor starts, on inputs that cannot
     work: a model.path that is no checkpoint, data files that do not exist, a CUDA device
-    that is not there."""
+    that is not there. Skipped when joining a Ray cluster (ray.address): its actors, not
+    this machine, read the files and hold the GPUs."""
+    if cfg.launcher == "ray" and cfg.ray.address:
+        return
     if cfg.model.path != "demo":
         _require_checkpoint(cfg.model.path)
     for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):

@@ -101,3 +101,13 @@ def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["train", "model.device=cuda", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "model.device is cuda but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_input_checks_leave_a_remote_ray_cluster_its_own_paths_and_gpus():
+    from trainer.loop import check_inputs
+
+    remote = load_config(None, ["launcher=ray", "ray.address=ray://head:10001",
+                                "model.path=/on/the/cluster", "model.device=cuda"])
+    check_inputs(remote)  # nothing here to check against
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        check_inputs(load_config(None, ["launcher=ray", "model.path=/on/the/cluster"]))
