@@ -115,6 +115,21 @@ class CacheManager:
             return False
         return True
 
+    def share_full_page(self, pairs: list[tuple[Sequence, Sequence, int]]) -> int:
+        """For each (src, dst, j): dst drops its page j and holds src's page j instead.
+        Both pages must be full and hold the same tokens' KV (merged samples), so neither
+        is written again. Returns the pages freed."""
+        keep, drop = [], []
+        for src, dst, j in pairs:
+            if dst.page_table[j] != src.page_table[j]:
+                keep.append(src.page_table[j])
+                drop.append(dst.page_table[j])
+                dst.page_table[j] = src.page_table[j]
+        if keep:
+            self.allocator.incref(keep)
+            self.allocator.decref(drop)
+        return len(drop)
+
     def free_private(self, seq: Sequence) -> None:
         """Frees the sample's private pages; keeps the shared prompt pages."""
         self.allocator.decref(seq.private_pages)

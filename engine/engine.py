@@ -62,9 +62,11 @@ class Engine:
         self._rng = random.Random(self.config.seed)
         self._counters = dict.fromkeys(
             ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens", "decode_tokens",
-             "decode_rows", "decode_steps", "extend_steps", "samples"), 0)
+             "decode_rows", "shared_decode_pages", "decode_steps", "extend_steps",
+             "samples"), 0)
         # decode_rows: rows the model computed in decode steps; below decode_tokens when
         # samples with identical contexts were merged (merge_identical_samples).
+        # shared_decode_pages: pages freed because merged samples share a filled page.
         # decode_host_seconds: the part of decode steps outside the model and the sampling
         # kernel (scheduling, radix cache, allocator, page tables, bookkeeping).
         self._seconds = dict.fromkeys(("prefill_seconds", "decode_seconds",
@@ -207,7 +209,14 @@ class Engine:
         shared = None
         if index is not None:  # the merged samples get their row's new KV and logits
             src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
-            self.runner.copy_new_kv(src, [s for r, s in zip(index, seqs) if rows[r] is not s])
+            dst = [s for r, s in zip(index, seqs) if rows[r] is not s]
+            self.runner.copy_new_kv(src, dst)
+            # a page this step filled is read-only from now on: merged samples share one
+            ps = self.config.page_size
+            full = [(a, b, b.num_cached // ps) for a, b in zip(src, dst)
+                    if (b.num_cached + 1) % ps == 0]
+            if full:
+                self._counters["shared_decode_pages"] += self.cache.share_full_page(full)
             if len(rows) * _SHARED_ROW_SAMPLING <= len(seqs):
                 shared = index  # the sampler reads each row once
             else:

@@ -1,6 +1,7 @@
 """Merging samples with identical contexts in decode (merge_identical_samples): the model
-runs once per distinct context, and every sample still gets the tokens and logprobs it
-would get alone."""
+runs once per distinct context, every sample still gets the tokens and logprobs it would
+get alone, and pages filled while merged are shared, so a tight KV pool runs more samples
+at once."""
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_merged_samples_that_diverge_continue_from_their_own_kv(qwen2, kw):
     assert_same(merged, plain)
     s = merged_engine.stats()
     assert s["decode_rows"] < 0.75 * s["decode_tokens"]  # merging happened
+    assert s["shared_decode_pages"] > 0  # and pages filled while merged are shared
     for o in merged:  # and the samples parted: some pair split after sharing tokens
         outs = [tuple(c.token_ids) for c in o.outputs]
         assert 2 <= len(set(outs)) < len(outs)
@@ -114,3 +116,21 @@ def test_stop_rules_and_min_tokens_hold_for_merged_samples(qwen2, monkeypatch, s
     for c in merged[0].outputs:
         assert len(c.token_ids) >= 3
         assert not set(c.token_ids[:2]) & set(first)
+
+
+def test_pages_filled_while_merged_are_shared_so_a_tight_pool_runs_more_at_once(qwen2):
+    """Greedy samples stay merged: each page they fill is held once, not once per sample.
+    With a pool that fits 9 samples' reservations, more samples run at a time (fewer decode
+    steps), with the same outputs, nothing preempted and no page leaked."""
+    path, _ = qwen2
+    prompt = list(range(5, 14))
+    params = SamplingParams(n=32, temperature=0.0, max_tokens=24, ignore_eos=True)
+    merged_engine, merged = run(path, [prompt], params, max_kv_tokens=60 * PAGE)
+    plain_engine, plain = run(path, [prompt], params, max_kv_tokens=60 * PAGE,
+                              merge_identical_samples=False)
+    assert_same(merged, plain)
+    s, p = merged_engine.stats(), plain_engine.stats()
+    assert s["shared_decode_pages"] > 0 and p["shared_decode_pages"] == 0
+    assert s["preemptions"] == p["preemptions"] == 0
+    assert s["decode_steps"] < 0.9 * p["decode_steps"]
+    assert s["free_pages"] + s["cached_pages"] == s["num_pages"]
