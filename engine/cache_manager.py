@@ -8,11 +8,7 @@ from collections import Counter
 from engine.allocator import OutOfPages
 from engine.cache_ext import make_cache
 from engine.kv_pool import KVPool
-from engine.request import Group, Sequence
-
-
-def pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
+from engine.request import Group, Sequence, pages_for
 
 
 class CacheManager:

@@ -25,8 +25,9 @@ from engine.tokenizer import load_tokenizer
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
 # Merged decode rows feed the sampler as they are (each row's weights once, a binary search
 # per sample) when there are at most 1/16 as many rows as samples; otherwise the rows are
-# expanded for the fused per-sample sampler, which is ~8x faster per row on CPU (vocab
-# 151936, batch 512: 0.04 s against 0.18 s at 16 rows, 0.40 s against 0.21 s at 128).
+# expanded for the fused per-sample sampler, which is faster per row (CPU, vocab 151936,
+# batch 512: 35 ms against 204 ms at 16 rows, 434 ms against 230 ms at 128;
+# bench/sampling_rows.py, bench/results/sampling-rows-cpu.json).
 _SHARED_ROW_SAMPLING = 16
 
 
@@ -204,8 +205,9 @@ class Engine:
         else:
             rows, index = seqs, None
         logits = self.runner.decode(rows)
-        for i, s in enumerate(seqs):
-            s.merged_with = s if index is None else rows[index[i]]
+        if self.config.merge_identical_samples:
+            for i, s in enumerate(seqs):
+                s.merged_with = s if index is None else rows[index[i]]
         shared = None
         if index is not None:  # the merged samples get their row's new KV and logits
             src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
@@ -218,7 +220,7 @@ class Engine:
             if full:
                 self._counters["shared_decode_pages"] += self.cache.share_full_page(full)
             if len(rows) * _SHARED_ROW_SAMPLING <= len(seqs):
-                shared = index  # the sampler reads each row once
+                shared = index, rows  # the sampler reads each row once
             else:
                 logits = logits[torch.tensor(index, device=logits.device)]
         for s in seqs:
@@ -231,15 +233,18 @@ class Engine:
         return finished
 
     def _append(self, logits: torch.Tensor, seqs: list[Sequence],
-                rows: list[int] | None = None) -> int:
-        """Samples one token per sequence (from logits[rows[i]] when rows is given),
-        appends it and finishes samples that stop."""
-        tokens, logprobs = self.sampler(logits, seqs, rows)
+                shared: tuple[list[int], list[Sequence]] | None = None) -> int:
+        """Samples one token per sequence, appends it and finishes samples that stop.
+        shared = (rows, owners): logits has one row per distinct context, seqs[i] draws
+        from row rows[i], which was computed for owners[rows[i]]."""
+        tokens, logprobs = self.sampler(logits, seqs, *(shared or ()))
+        merging = self.config.merge_identical_samples
         finished = 0
         for s, tok, lp in zip(seqs, tokens, logprobs):
             s.token_ids.append(tok)
             s.logprobs.append(lp)
-            s.context_key = hash((s.context_key, tok))
+            if merging:
+                s.context_key = hash((s.context_key, tok))
             if not s.started or s.status is Status.WAITING:
                 s.started = True
                 s.status = Status.RUNNING

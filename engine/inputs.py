@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence as Seq
 
-from engine.cache_manager import pages_for
 from engine.config import ModelConfig
+from engine.request import pages_for
 from engine.sampling_params import SamplingParams
 
 

@@ -26,6 +26,10 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
 @dataclass(eq=False)
 class Group:
     index: int  # request index within its generate() call: part of the noise key
@@ -58,8 +62,9 @@ class Group:
     @functools.cached_property
     def max_private_pages(self) -> int:
         """Private pages one sample holds at max_tokens (whole prompt pages are shared)."""
-        ps = self.page_size
-        return -(-(self.prompt_len + self.params.max_tokens - 1) // ps) - self.prompt_len // ps
+        full_prompt_pages = self.prompt_len // self.page_size
+        return pages_for(self.prompt_len + self.params.max_tokens - 1,
+                         self.page_size) - full_prompt_pages
 
     @property
     def done(self) -> bool:

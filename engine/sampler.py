@@ -20,10 +20,12 @@ class Sampler:
         self.last_seconds = 0.0  # the sampling kernel of the last call
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
-                 rows: list[int] | None = None) -> tuple[list[int], list[float]]:
+                 rows: list[int] | None = None, owners: list[Sequence] | None = None
+                 ) -> tuple[list[int], list[float]]:
         """Draws the next token of each sequence from its row of logits [B, vocab]. With
-        `rows`, logits holds one row per distinct context [R, vocab] and seqs[i] draws
-        from row rows[i] with its own noise (samples of a row share group and length)."""
+        `rows`, logits holds one row per distinct context [R, vocab], owners[r] is the
+        sequence row r was computed for, and seqs[i] draws from row rows[i] with its own
+        noise (samples of a row share group and length, so their parameters and bans)."""
         dev = self.device
 
         def col(values, dtype):
@@ -31,12 +33,7 @@ class Sampler:
 
         keys = row_keys([s.group.seed for s in seqs], [s.group.index for s in seqs],
                         [s.index for s in seqs], [s.num_output for s in seqs])
-        owners = seqs  # the sequence whose parameters and bans each row of logits takes
-        if rows is not None:
-            first: dict[int, Sequence] = {}
-            for s, r in zip(seqs, rows):
-                first.setdefault(r, s)
-            owners = [first[r] for r in range(len(first))]
+        owners = seqs if rows is None else owners  # whose parameters and bans each row takes
         params = [s.group.params for s in owners]
         banned = None
         for row, s in enumerate(owners):

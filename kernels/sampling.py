@@ -92,15 +92,22 @@ def truncation_threshold_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 def inverse_cdf_ref(z: torch.Tensor, thr: torch.Tensor,
                     keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens drawn by the definition above, and float64 log-sum-exp of z per row."""
-    z64 = z.double()
-    m = z64.max(dim=-1, keepdim=True).values
-    e = torch.exp(z64 - m)
-    lse = m[:, 0] + torch.log(e.sum(-1))
-    c = torch.where(z >= thr[:, None], e, torch.zeros_like(e)).cumsum(-1)
+    c, lse = _cumulative_weights(z, thr)
     u = torch.from_numpy(uniforms(keys)).to(z.device)
     target = (u * c[:, -1])[:, None]
     tokens = (c <= target).sum(-1).clamp(max=z.shape[1] - 1)
     return tokens, lse
+
+
+def _cumulative_weights(z: torch.Tensor, thr: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """c [B, V] (the float64 cumulative weights of the tokens that survive truncation, in
+    index order) and the float64 log-sum-exp of z per row, as the definition says."""
+    z64 = z.double()
+    m = z64.max(dim=-1, keepdim=True).values
+    e = torch.exp(z64 - m)
+    lse = m[:, 0] + torch.log(e.sum(-1))
+    return torch.where(z >= thr[:, None], e, torch.zeros_like(e)).cumsum(-1), lse
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -130,11 +137,9 @@ def sample_rows_ref(logits: torch.Tensor, rows: torch.Tensor, temperature: torch
                          f"{tuple(rows.shape)} and {len(keys)} keys")
     V = logits.shape[1]
     z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
-    z64 = zb.double()
-    m = z64.max(dim=-1, keepdim=True).values
-    e = torch.exp(z64 - m)
-    lse = m[:, 0] + torch.log(e.sum(-1)) if banned is None else _lse64(z)
-    c = torch.where(zb >= thr[:, None], e, torch.zeros_like(e)).cumsum(-1)
+    c, lse = _cumulative_weights(zb, thr)
+    if banned is not None:
+        lse = _lse64(z)
     u = torch.from_numpy(uniforms(keys)).to(logits.device)
     target = u * c[rows, -1]
     tokens = torch.empty(rows.shape, dtype=torch.int64, device=logits.device)

@@ -1,6 +1,7 @@
 """Config: YAML + key=value overrides, typed leaves, and errors that name the bad key."""
 
 import pytest
+import torch
 
 from trainer.config import DEMO_CONFIG, TrainConfig, all_keys, describe, load_config
 
@@ -92,13 +93,10 @@ def test_train_fails_fast_on_missing_inputs_before_starting_anything(
     assert not out.exists()  # no run directory, no Ray cluster: it failed before them
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is valid")
 def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    import torch
-
     from trainer.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
     assert main(["train", "model.device=cuda", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "model.device is cuda but torch sees no CUDA device" in capsys.readouterr().err
 
