@@ -273,9 +273,9 @@ def tis_weights(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Importance weights [B, T] (detached) correcting the rollout engine / trainer mismatch.
 
-    w = exp(trainer_logprobs - behaviour_logprobs). `truncate`: clamp(w, low, high) (Yao et
-    al.'s TIS clamps only above; we clamp both ends). `mask` (ProRL): w outside [low, high]
-    set to 0, w inside kept. Padding positions get weight 0. Stats over valid tokens,
+    w = exp(trainer_logprobs - behaviour_logprobs). `truncate`: clamp(w, low, high), with
+    low=0 Yao et al.'s TIS min(w, high). `mask` (ProRL): w outside [low, high] set to 0, w
+    inside kept. Padding positions get weight 0. Stats over valid tokens,
     detached 0-dim tensors: out_of_range_fraction (raw w outside [low, high]) and weight_mean
     (of the returned weights).
     """

@@ -139,14 +139,19 @@ class AlgorithmConfig:
     old_logprobs: str = _f("behaviour", '"behaviour": the engine\'s logprobs are the old '
                            'policy; "recompute": a trainer forward before the update')
     kl_coef: float = _f(0.0, "KL(policy || reference) loss coefficient")
-    kl_estimator: str = _f("k2", "k1 | k2 | k3")
+    kl_estimator: str = _f("k2", "k1 | k2 | k3; as a loss only k2 has the gradient of "
+                           "KL(policy || reference): k1's is zero in expectation, k3's is "
+                           "that of KL(reference || policy)")
     kl_clamp: float = _f(10.0, "clamp of the log-ratio inside the KL estimator")
     ref_reset_every: int = _f(0, "copy the policy into the reference every k steps (0: never)")
     reset_optimizer_on_ref_reset: bool = _f(False, "also clear AdamW state at a reset")
     entropy_coef: float = _f(0.0, "entropy bonus coefficient")
-    tis: str = _f("truncate", "importance correction engine->trainer: truncate | mask | none "
-                  "(used with old_logprobs=recompute)")
-    tis_low: float = _f(0.5, "lower bound of the importance weight")
+    tis: str = _f("none", "importance correction engine->trainer, with "
+                  "old_logprobs=recompute: truncate (weights clamped to [tis_low, tis_high]) "
+                  "| mask (weights outside zeroed) | none")
+    tis_low: float | None = _f(None, "lower bound of the importance weight (None: 0 for "
+                               "truncate, Yao et al.'s min(w, tis_high); 0.5 for mask, "
+                               "ProRL's)")
     tis_high: float = _f(5.0, "upper bound of the importance weight")
     truncated_reward: float | None = _f(0.0, "reward of a response cut at max_tokens "
                                         "(None: keep the verifier's)")
@@ -157,8 +162,18 @@ class AlgorithmConfig:
             raise ValueError("algorithm.train_samples_per_group must be >= 0 (0: all)")
         _choice(self, "old_logprobs", ("behaviour", "recompute"))
         _choice(self, "tis", ("truncate", "mask", "none"))
+        if self.tis != "none" and self.old_logprobs == "behaviour":
+            raise ValueError(f"algorithm.tis={self.tis} needs algorithm.old_logprobs="
+                             "recompute: with behaviour the ratio's denominator is already "
+                             "the engine's logprob, so there is no mismatch to correct")
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))
         _choice(self, "loss_agg", ("token-mean", "seq-mean-token-mean"))
+
+    @property
+    def tis_bounds(self) -> tuple[float, float]:
+        low = self.tis_low if self.tis_low is not None else (0.0 if self.tis == "truncate"
+                                                            else 0.5)
+        return low, self.tis_high
 
 
 @dataclass(frozen=True)
@@ -168,7 +183,8 @@ class OptimConfig:
     betas: list = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-8, "AdamW epsilon (larger: small, noisy gradients take smaller steps)")
     grad_clip: float = _f(1.0, "max global grad norm (0: off)")
-    warmup_steps: int = _f(0, "linear warm-up steps")
+    warmup_steps: int = _f(0, "linear warm-up, in optimizer steps (num_mini_batches per "
+                           "RL step)")
     schedule: str = _f("constant", "constant | cosine")
     scale_lr: bool = _f(False, "multiply lr by sqrt(samples per step / lr_reference_samples)")
     lr_reference_samples: int = _f(8192, "samples per step the base lr was tuned for")

@@ -9,11 +9,24 @@ from torch.utils.checkpoint import checkpoint
 
 
 def load_policy(path: str, device: str | torch.device = "cpu"):
-    """The checkpoint as a float32 (master weights) `AutoModelForCausalLM` in train mode."""
+    """The checkpoint as a float32 (master weights) `AutoModelForCausalLM` in train mode,
+    with dropout off: the logprobs it trains on must be the policy's, as the engine's are."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    _no_dropout(model)
     return model.to(device).train()
+
+
+def _no_dropout(model) -> None:
+    """Dropout modules get p = 0, and so do the dropout rates that attention layers keep
+    as floats (e.g. Qwen2's `attention_dropout`) and the config's."""
+    for module in [*model.modules(), model.config]:
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def pad_batch(seqs: list[list[int]], starts: list[int], pad_id: int, device=None):

@@ -54,9 +54,15 @@ def build_samples(groups: list[Group], cfg: TrainConfig,
     adv = compute_advantages(cfg.algorithm.advantage, rewards)
     k = cfg.algorithm.train_samples_per_group
     samples = []
-    for g, row in zip(groups, adv):
+    for gi, (g, row) in enumerate(zip(groups, adv)):
         keep = (max_variance_subset(g.rewards, k, generator).tolist() if k
                 else range(g.n))
+        for j in keep:
+            if len(g.behaviour_logprobs[j] or ()) != len(g.response_ids[j]):
+                got = None if g.behaviour_logprobs[j] is None else len(g.behaviour_logprobs[j])
+                raise ValueError(f"group {gi} sample {j}: {got} behaviour "
+                                 f"logprobs for {len(g.response_ids[j])} response tokens; "
+                                 "the engine must return one logprob per sampled token")
         samples += [Sample(g.prompt_ids + g.response_ids[j], len(g.prompt_ids),
                            float(row[j]), g.behaviour_logprobs[j])
                     for j in sorted(keep) if g.response_ids[j]]
@@ -152,8 +158,7 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], rows: list[tuple[Samp
         if a.old_logprobs == "recompute":
             old = _per_token(micro, "old_logprobs", mask)
             if a.tis != "none":  # correct for the engine/trainer mismatch, per token
-                weights, tis = tis_weights(old, behaviour, weight, a.tis_low, a.tis_high,
-                                           a.tis)
+                weights, tis = tis_weights(old, behaviour, weight, *a.tis_bounds, a.tis)
                 adv = adv * weights
                 for k, v in tis.items():
                     _add(acc, f"tis/{k}", float(v) * weight.sum().item() / num_tokens)
