@@ -164,11 +164,23 @@ class Engine:
         return finished
 
     def _start(self, plan: Plan) -> int:
+        groups: dict[int, int] = {}  # id(group) -> its row
+        owners, index = [], []
         for s in plan.start:  # their contexts are the prompt until they draw a token
             s.merged_with = s.group
-        rows = [s.group.first_logits for s in plan.start]
-        finished = self._append(torch.stack(rows), plan.start)
-        for g in {id(s.group): s.group for s in plan.start}.values():
+            r = groups.setdefault(id(s.group), len(owners))
+            if r == len(owners):
+                owners.append(s)
+            index.append(r)
+        if (self.config.merge_identical_samples
+                and len(owners) * _SHARED_ROW_SAMPLING <= len(plan.start)):
+            # the samples of a group draw from its one row of prompt logits
+            logits = torch.stack([s.group.first_logits for s in owners])
+            finished = self._append(logits, plan.start, (index, owners))
+        else:
+            rows = [s.group.first_logits for s in plan.start]
+            finished = self._append(torch.stack(rows), plan.start)
+        for g in (s.group for s in owners):
             if all(s.started for s in g.samples):
                 self.cache.release_tail(g)
                 g.first_logits = None
@@ -205,9 +217,15 @@ class Engine:
         else:
             rows, index = seqs, None
         logits = self.runner.decode(rows)
-        if self.config.merge_identical_samples:
-            for i, s in enumerate(seqs):
-                s.merged_with = s if index is None else rows[index[i]]
+        if index is not None:
+            size = [0] * len(rows)
+            for r in index:
+                size[r] += 1
+            for s, r in zip(seqs, index):
+                s.merged_with = rows[r] if size[r] > 1 else None
+        elif self.config.merge_identical_samples:
+            for s in seqs:  # all distinct, and so from now on
+                s.merged_with = None
         shared = None
         if index is not None:  # the merged samples get their row's new KV and logits
             src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
@@ -238,21 +256,19 @@ class Engine:
         shared = (rows, owners): logits has one row per distinct context, seqs[i] draws
         from row rows[i], which was computed for owners[rows[i]]."""
         tokens, logprobs = self.sampler(logits, seqs, *(shared or ()))
-        merging = self.config.merge_identical_samples
-        finished = 0
+        finished, running, waiting = 0, self.scheduler.running, Status.WAITING
         for s, tok, lp in zip(seqs, tokens, logprobs):
-            s.token_ids.append(tok)
+            ids = s.token_ids
+            ids.append(tok)
             s.logprobs.append(lp)
-            if merging:
-                s.context_key = hash((s.context_key, tok))
-            if not s.started or s.status is Status.WAITING:
+            if not s.started or s.status is waiting:
                 s.started = True
                 s.status = Status.RUNNING
-                self.scheduler.running.append(s)
-            params = s.group.params
-            if tok in s.group.stop_ids:  # banned until min_tokens by the sampler
+                running.append(s)
+            g = s.group
+            if tok in g.stop_ids:  # banned until min_tokens by the sampler
                 finished += self._finish(s, "stop")
-            elif s.num_output >= params.max_tokens:
+            elif len(ids) >= g.max_len:
                 finished += self._finish(s, "length")
         return finished
 
@@ -296,30 +312,24 @@ class Engine:
 
 def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
     """The first sample of each distinct context (same group, same tokens) in order, and
-    for every sample the index of its context's row; None when all are distinct."""
+    for every sample the index of its context's row; None when all are distinct.
+
+    Only samples whose contexts were identical at their last step (the same merged_with)
+    can be identical now, and they are iff they have the same length and last token:
+    each step refines the previous one's partition, with no token lists compared."""
     rows: list[Sequence] = []
     index: list[int] = []
-    by_key: dict[tuple[int, int], list[int]] = {}
+    by_key: dict[tuple[object, int, int], int] = {}
     for s in seqs:
-        candidates = by_key.setdefault((id(s.group), s.context_key), [])
-        for r in candidates:  # equal keys: check the tokens (a hash can collide)
-            if _same_context(rows[r], s):
+        if s.merged_with is not None:
+            ids = s.token_ids
+            r = by_key.setdefault((s.merged_with, len(ids), ids[-1]), len(rows))
+            if r < len(rows):
                 index.append(r)
-                break
-        else:
-            candidates.append(len(rows))
-            index.append(len(rows))
-            rows.append(s)
+                continue
+        index.append(len(rows))
+        rows.append(s)
     return rows, (index if len(rows) < len(seqs) else None)
-
-
-def _same_context(a: Sequence, b: Sequence) -> bool:
-    """Whether two samples of one group hold the same tokens. Samples that were identical
-    one token ago (same merged_with, same length) compare their last token only."""
-    if a.merged_with is not None and a.merged_with is b.merged_with:
-        return (len(a.token_ids) == len(b.token_ids)
-                and a.token_ids[-1] == b.token_ids[-1])
-    return a.token_ids == b.token_ids
 
 
 def _progress(total: int, enabled: bool):

@@ -33,11 +33,17 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token per sequence -> logits float32 [B, vocab], rows in order."""
-        positions = [s.num_cached for s in seqs]
+        ps = self.page_size
+        ids, positions, slots = [], [], []
+        for s in seqs:  # one pass: this runs over every row, each step
+            p = s.num_cached
+            ids.append(s.token_ids[-1])
+            positions.append(p)
+            slots.append(s.page_table[p // ps] * ps + p % ps)
         meta = self._decode_meta(seqs, positions)
-        meta.slots = self._tensor(self._next_slots(seqs))
+        meta.slots = self._tensor(slots)
         self.backend.begin(meta)
-        ids, pos = self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions)
+        ids, pos = self._tensor(ids), self._tensor(positions)
         t0 = time.perf_counter()
         logits = self.model.logits(self.model.forward(ids, pos, self.backend))
         self.last_model_seconds = time.perf_counter() - t0
@@ -62,10 +68,15 @@ class ModelRunner:
             meta.page_table = _padded([s.page_table for s in seqs], dev)
             meta.seq_lens = self._tensor([p + 1 for p in positions])
             return meta
+        ps = self.page_size
         groups: dict[int, list[int]] = {}
+        suffix_pages, suffix_lens = [], []
         for row, s in enumerate(seqs):
-            if s.group.shared_len:
+            shared = len(s.group.shared_pages)
+            if shared:
                 groups.setdefault(id(s.group), []).append(row)
+            suffix_pages.append(s.page_table[shared:])
+            suffix_lens.append(positions[row] + 1 - shared * ps)
         if groups:
             rows = list(groups.values())
             meta.group_rows = _padded(rows, dev, pad=-1)
@@ -75,9 +86,8 @@ class ModelRunner:
             meta.group_rows = torch.empty(0, 1, dtype=torch.int64, device=dev)
             meta.prefix_pages = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             meta.prefix_lens = torch.zeros(0, dtype=torch.int64, device=dev)
-        meta.suffix_pages = _padded([s.private_pages for s in seqs], dev)
-        meta.suffix_lens = self._tensor([p + 1 - s.group.shared_len
-                                         for s, p in zip(seqs, positions)])
+        meta.suffix_pages = _padded(suffix_pages, dev)
+        meta.suffix_lens = self._tensor(suffix_lens)
         return meta
 
     @torch.inference_mode()

@@ -46,10 +46,15 @@ class Group:
     prefilled: bool = False
     num_cached_tokens: int = 0  # prompt tokens reused from the radix cache
     num_finished: int = 0  # samples finished (the engine counts them as they finish)
+    # read per sample and step, so kept rather than recounted
+    prompt_len: int = field(init=False)
+    max_len: int = field(init=False)  # prompt + max_tokens: a sample this long is done
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_ids)
+        self.max_len = self.prompt_len + self.params.max_tokens
+        # shorter than this, a sample's stop tokens are banned (min_tokens)
+        self.ban_below = self.prompt_len + self.params.min_tokens if self.stop_ids else 0
 
     @property
     def shared_len(self) -> int:
@@ -82,12 +87,11 @@ class Sequence:
     status: Status = Status.WAITING
     started: bool = False  # has drawn its first token (preempted samples stay started)
     finish_reason: str | None = None
-    # Rolling hash of the output tokens: samples of one group with equal keys (and equal
-    # tokens, checked) have identical contexts, so decode can compute them once.
-    context_key: int = 0
-    # Shared by the samples whose contexts were identical one token ago: the group once
-    # the first token is drawn, the decode row a sample was merged into after each decode;
-    # None after a recompute. Lets the check compare one token instead of all of them.
+    # The samples whose contexts (tokens so far) were identical at their last step share
+    # this: the group when they drew their first token together, then the decode row they
+    # were merged into. None once the context is known to be unlike every other's (it had
+    # a row alone, or it was recomputed after preemption): contexts that differ differ
+    # forever, so such a sample is never compared again.
     merged_with: object | None = None
 
     @property

@@ -31,13 +31,19 @@ class Sampler:
         def col(values, dtype):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        keys = row_keys([s.group.seed for s in seqs], [s.group.index for s in seqs],
-                        [s.index for s in seqs], [s.num_output for s in seqs])
+        seeds, requests, samples, positions = [], [], [], []
+        for s in seqs:  # one pass: this runs over every sample, each step
+            g = s.group
+            seeds.append(g.seed)
+            requests.append(g.index)
+            samples.append(s.index)
+            positions.append(len(s.token_ids) - g.prompt_len)
+        keys = row_keys(seeds, requests, samples, positions)
         owners = seqs if rows is None else owners  # whose parameters and bans each row takes
         params = [s.group.params for s in owners]
         banned = None
         for row, s in enumerate(owners):
-            if s.num_output < s.group.params.min_tokens and s.group.stop_ids:
+            if len(s.token_ids) < s.group.ban_below:  # stop tokens before min_tokens
                 if banned is None:
                     banned = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
                 banned[row, list(s.group.stop_ids)] = True

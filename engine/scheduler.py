@@ -71,7 +71,8 @@ class Scheduler:
     def _reserved(self) -> int:
         ratio, total = self.config.reserve_ratio, 0
         for s in self.running:  # _future_pages inlined: this runs over every sample, each step
-            remaining = s.group.max_private_pages - s.num_private_pages
+            g = s.group
+            remaining = g.max_private_pages - len(s.page_table) + len(g.shared_pages)
             if remaining > 0:
                 total += remaining if ratio == 1.0 else math.ceil(ratio * remaining)
         return total
@@ -158,10 +159,13 @@ class Scheduler:
         """Running samples, each with a page for its next token; preempts the latest
         started samples while the pool cannot provide one."""
         batch: list[Sequence] = []
-        i = 0
+        ps, i = self.page_size, 0
         while i < len(self.running):
             seq = self.running[i]
-            if self.cache.grow(seq, seq.num_cached + 1):
+            if seq.num_cached < len(seq.page_table) * ps:  # its page has room
+                batch.append(seq)
+                i += 1
+            elif self.cache.grow(seq, seq.num_cached + 1):
                 batch.append(seq)
                 i += 1
             else:  # the victim is never in batch yet; if it is seq, the loop ends

@@ -68,27 +68,53 @@ def test_merged_samples_that_diverge_continue_from_their_own_kv(qwen2, kw):
     assert s["free_pages"] + s["cached_pages"] == s["num_pages"]
 
 
-def test_equal_context_keys_with_different_tokens_stay_apart():
-    """The rolling hash only proposes merges; the tokens decide."""
+def test_a_step_refines_the_previous_partition_of_contexts():
+    """Samples merge iff they were one row at their last step (same merged_with) and have
+    the same length and last token; a sample marked distinct (None) is never merged, even
+    with equal tokens, and neither are samples of different rows."""
 
     class Seq:
-        def __init__(self, group, tokens, key, merged_with=None):
-            self.group, self.token_ids, self.context_key = group, tokens, key
-            self.merged_with = merged_with
+        def __init__(self, tokens, merged_with):
+            self.token_ids, self.merged_with = tokens, merged_with
 
-    g1, g2 = object(), object()
-    seqs = [Seq(g1, [1, 2], 7), Seq(g1, [1, 3], 7), Seq(g1, [1, 2], 7), Seq(g2, [1, 2], 7),
-            Seq(g1, [1, 3], 7)]
+    a, b = object(), object()
+    seqs = [Seq([1, 2, 5], a), Seq([1, 2, 6], a), Seq([1, 2, 5], a), Seq([1, 2, 5, 5], a),
+            Seq([1, 2, 5], None), Seq([1, 2, 5], b), Seq([1, 2, 5], b), Seq([1, 2, 5], None)]
     rows, index = _distinct_contexts(seqs)
-    assert rows == [seqs[0], seqs[1], seqs[3]]
-    assert index == [0, 1, 0, 2, 1]
+    assert rows == [seqs[0], seqs[1], seqs[3], seqs[4], seqs[5], seqs[7]]
+    assert index == [0, 1, 0, 2, 3, 4, 4, 5]
     assert _distinct_contexts(seqs[:2]) == (seqs[:2], None)
-    # samples that were one row a token ago compare their last token (and length) only
-    row = object()
-    seqs = [Seq(g1, [1, 2, 5], 7, row), Seq(g1, [1, 2, 6], 7, row), Seq(g1, [1, 2, 5], 7, row),
-            Seq(g1, [1, 2, 5, 5], 7, row), Seq(g1, [1, 2, 5], 7, None)]
-    rows, index = _distinct_contexts(seqs)
-    assert index == [0, 1, 0, 2, 0]
+    assert _distinct_contexts(seqs[4:6]) == (seqs[4:6], None)
+
+
+def test_samples_alone_in_their_row_are_never_compared_again(qwen2):
+    """After a decode step a sample whose row had no other member is marked distinct for
+    good; the members of a shared row point to it."""
+    path, _ = qwen2
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=8192)
+    params = SamplingParams(n=24, temperature=0.05, max_tokens=8, seed=11, ignore_eos=True)
+    seen = []
+    decode = engine._decode
+
+    def spy(seqs):
+        out = decode(seqs)
+        seen.append([(tuple(s.token_ids[:-1]), s.merged_with) for s in seqs])
+        return out
+
+    engine._decode = spy
+    engine.generate([list(range(5, 23))], params)
+    sizes = set()
+    for step in seen:
+        rows = {}  # the context each sample decoded from
+        for context, m in step:
+            rows.setdefault(context, []).append(m)
+        for members in rows.values():
+            sizes.add(len(members) > 1)
+            if len(members) == 1:
+                assert members[0] is None
+            else:  # all point to one member of the row
+                assert len({id(m) for m in members}) == 1 and members[0] is not None
+    assert sizes == {True, False}
 
 
 @pytest.mark.parametrize("shared_rows", [True, False])
@@ -134,3 +160,27 @@ def test_pages_filled_while_merged_are_shared_so_a_tight_pool_runs_more_at_once(
     assert s["preemptions"] == p["preemptions"] == 0
     assert s["decode_steps"] < 0.9 * p["decode_steps"]
     assert s["free_pages"] + s["cached_pages"] == s["num_pages"]
+
+
+def test_first_tokens_are_drawn_from_one_row_of_prompt_logits_per_group(qwen2):
+    """A group's samples start from the same prompt logits: the sampler gets one row per
+    group (not n copies) and each sample still draws with its own noise, as when merging
+    is off."""
+    path, _ = qwen2
+    prompts = [list(range(5, 23)), list(range(40, 43)), list(range(60, 77))]
+    params = SamplingParams(n=20, temperature=0.8, max_tokens=3, seed=5, ignore_eos=True)
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=8192, debug_integrity=True)
+    shapes = []
+    call = type(engine.sampler).__call__
+
+    class Spy(type(engine.sampler)):
+        def __call__(self, logits, seqs, *shared):
+            shapes.append((logits.shape[0], len(seqs)))
+            return call(self, logits, seqs, *shared)
+
+    engine.sampler.__class__ = Spy
+    merged = engine.generate(prompts, params)
+    _, plain = run(path, prompts, params, merge_identical_samples=False)
+    assert_same(merged, plain)
+    assert shapes[0] == (3, 60)
+    assert len({tuple(c.token_ids[:1]) for c in merged[0].outputs}) > 1  # own noise each
