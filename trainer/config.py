@@ -89,6 +89,10 @@ class RolloutConfig:
     max_prompts_per_step: int = _f(16, "dynamic sampling gives up after generating this many "
                                    "groups in one step")
     dynamic_sampling: bool = _f(True, "drop groups whose rewards are all equal and refill")
+    oversample: bool = _f(False, "dynamic sampling: each refill asks for the missing groups "
+                          "over the step's pass rate so far (fewer, larger generate calls); "
+                          "passing groups beyond prompts_per_step are dropped, as in DAPO "
+                          "(rollout/groups_dropped)")
     temperature: float = _f(1.0, "sampling temperature of rollouts")
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(-1, "top-k (-1: off)")

@@ -1,9 +1,11 @@
 """One step's rollouts: generate N samples per prompt with the engine, score them, and keep
-groups by dynamic sampling (rewards not all equal), over-sampling until the step has its
-configured number of kept groups."""
+groups by dynamic sampling (rewards not all equal), drawing more prompts until the step has
+its configured number of kept groups (with rollout.oversample, as many more as the step's
+pass rate so far says are needed)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -85,6 +87,9 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     start = time.perf_counter()
     while len(kept) < r.prompts_per_step and len(generated) < r.max_prompts_per_step:
         need = r.prompts_per_step - len(kept)
+        if r.oversample and generated:  # expect the pass rate seen so far in this step
+            need = (math.ceil(need * len(generated) / len(kept)) if kept
+                    else r.max_prompts_per_step)
         k = min(need, r.max_prompts_per_step - len(generated))
         problems = stream.take(k)
         seeds = [sample_seed(cfg.seed, step, draw, i) for i in range(k)]
@@ -98,7 +103,11 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
         if not r.dynamic_sampling:
             break
     seconds = time.perf_counter() - start
-    metrics = rollout_metrics(generated, kept, seconds)
+    metrics = rollout_metrics(generated, kept, seconds)  # pass rate: of all that passed
+    if r.oversample:
+        metrics["rollout/groups_dropped"] = max(0, len(kept) - r.prompts_per_step)
+        kept = kept[:r.prompts_per_step]
+        metrics["rollout/groups_kept"] = len(kept)
     for key in ("timeouts", "errors"):  # those samples scored 0; the run goes on
         metrics[f"verifier/{key}"] = pool.stats[key] - before[key]
     engine_after = _decode_counts(engine)

@@ -75,6 +75,7 @@ def test_shipped_gpu_template_parses_with_the_papers_settings():
     assert cfg.model.device == "cuda" and cfg.launcher == "ray"
     assert cfg.lr == pytest.approx(2e-6 * (512 * 128 / 8192) ** 0.5)
     assert cfg.algorithm.old_logprobs == "recompute" and cfg.algorithm.tis == "mask"
+    assert cfg.rollout.oversample and cfg.algorithm.tis_bounds == (0.5, 5.0)
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -400,7 +400,7 @@ class _Stream:
         return out
 
 
-def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True):
+def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True, oversample=False):
     from trainer.rollout import collect_rollouts
 
     problems = [Problem(f"p{k}", "1", "math") for k in range(len(rewards))]
@@ -411,6 +411,7 @@ def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True):
                              f"rollout.prompts_per_step={prompts_per_step}",
                              f"rollout.max_prompts_per_step={max_prompts}",
                              f"rollout.dynamic_sampling={str(dynamic).lower()}",
+                             f"rollout.oversample={str(oversample).lower()}",
                              "progress=false"])
     out = collect_rollouts(engine, _Stream(problems), _Pool(), cfg, step=1)
     return out, engine
@@ -430,6 +431,22 @@ def test_dynamic_sampling_refills_until_enough_groups_pass():
     assert m["rollout/all_correct_groups"] == 2 and m["rollout/all_wrong_groups"] == 1
     # every group's solve rate q is 0, 1 or 1/4: keep rate 1 - q^4 - (1-q)^4 = 0.6796875
     assert m["rollout/predicted_pass_rate"] == pytest.approx(3 * 0.6796875 / 6)
+
+
+def test_oversampling_asks_for_the_missing_groups_over_the_pass_rate_and_drops_extras():
+    rewards = [ALL_OK, MIXED, ALL_BAD, MIXED, ALL_OK, MIXED, MIXED, MIXED, MIXED]
+    out, engine = _rollouts(rewards, prompts_per_step=3, max_prompts=8, oversample=True)
+    # 1 of 3 passed: the 2 missing need 6 more at that rate, capped at 8 - 3 = 5
+    assert engine.requests == [3, 5]
+    assert [g.problem.prompt for g in out.groups] == ["p1", "p3", "p5"]
+    m = out.metrics
+    assert m["rollout/groups_generated"] == 8 and m["rollout/groups_kept"] == 3
+    assert m["rollout/groups_dropped"] == 2 and m["rollout/pass_rate"] == pytest.approx(5 / 8)
+    # none passed yet: ask for everything still allowed
+    out, engine = _rollouts([ALL_OK, ALL_BAD, MIXED, MIXED, MIXED], prompts_per_step=2,
+                            max_prompts=5, oversample=True)
+    assert engine.requests == [2, 3] and len(out.groups) == 2
+    assert out.metrics["rollout/groups_dropped"] == 1
 
 
 def test_dynamic_sampling_gives_up_at_max_prompts_and_keeps_what_passed():
