@@ -3,6 +3,7 @@ request raises a ValueError naming the problem and leaves the engine untouched."
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence as Seq
 
 from engine.config import ModelConfig
@@ -17,7 +18,7 @@ def normalize_prompts(prompts) -> list:
     if not isinstance(prompts, Seq):
         raise ValueError(f"prompts must be a string, a token-id list or a list of those, "
                          f"got {type(prompts).__name__}")
-    if len(prompts) and all(isinstance(t, int) for t in prompts):
+    if len(prompts) and all(_is_token(t) for t in prompts):
         return [list(prompts)]
     return list(prompts)
 
@@ -44,10 +45,14 @@ def tokenize(prompts: list, tokenizer) -> list[list[int]]:
                 raise ValueError(f"prompt {i} is a string but the checkpoint has no tokenizer; "
                                  f"pass token ids")
             p = tokenizer(p)["input_ids"]
-        elif not isinstance(p, Seq) or not all(isinstance(t, int) for t in p):
+        elif not isinstance(p, Seq) or not all(_is_token(t) for t in p):
             raise ValueError(f"prompt {i} must be a string or a list of int token ids")
-        out.append(list(p))
+        out.append([int(t) for t in p])
     return out
+
+
+def _is_token(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
 def validate(prompt_ids: list[list[int]], params: list[SamplingParams], cfg: ModelConfig,
@@ -69,7 +74,8 @@ def validate(prompt_ids: list[list[int]], params: list[SamplingParams], cfg: Mod
         bad = [t for t in p.stop_token_ids or () if not 0 <= t < V]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {V})")
-        need = pages_for(total - 1, page_size)
+        # a prompt ending in a partial page holds it while each sample copies it
+        need = pages_for(total - 1, page_size) + (len(ids) % page_size != 0)
         if need > num_pages:
             raise ValueError(f"prompt {i} needs {need} KV pages for one sample of "
                              f"{p.max_tokens} tokens but the pool has {num_pages} pages of "

@@ -122,6 +122,8 @@ class Scheduler:
 
     def _admit_groups(self, plan: Plan, budget: int) -> None:
         tokens, deferred, seen, pinned_now = 0, [], set(), 0
+        # the most private pages one sample of a computed group may need
+        widest = max((g.max_private_pages for g in self.active), default=0)
         while self.waiting and not self._batch_full(len(plan.start) + len(plan.extend)):
             group = self.waiting.popleft()
             before = self.cache.available_pages
@@ -131,12 +133,14 @@ class Scheduler:
             keys = _page_prefix_keys(group.prompt_ids, self.page_size)
             todo = group.prompt_len - start
             now = pages_for(todo, self.page_size)
-            one_sample = 1 + self._future_pages(group.samples[0], 1)
+            first = min(1, group.max_private_pages)  # max_tokens 1 on whole pages: none
+            one_sample = first + self._future_pages(group.samples[0], first)
             too_big = plan.extend and tokens + todo > self.config.max_prefill_tokens
-            # Liveness: whatever is preempted, one sample must be able to reach max_tokens
-            # beside every pinned prompt.
+            # Liveness: whatever is preempted, any one sample (of this group or of one
+            # computed before) must be able to reach max_tokens beside every pinned prompt.
             pinned = self._pinned_pages() + pinned_now + len(cached) + now
-            live = pinned + group.max_private_pages <= self.cache.kv.num_pages
+            live = (pinned + max(widest, group.max_private_pages)
+                    <= self.cache.kv.num_pages)
             if now + one_sample > budget or too_big or not live:
                 self.cache.unlock(group)
                 self.waiting.appendleft(group)
@@ -153,6 +157,7 @@ class Scheduler:
             tokens += todo
             budget -= now
             pinned_now += len(cached) + now
+            widest = max(widest, group.max_private_pages)
         self.waiting.extendleft(reversed(deferred))
 
     def _decode_batch(self) -> list[Sequence]:

@@ -198,10 +198,28 @@ def test_bad_requests_raise_and_the_engine_keeps_working(qwen2, bad, match):
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"),
     (dict(min_p=2.0), "min_p"), (dict(max_tokens=0), "max_tokens"),
     (dict(min_tokens=9, max_tokens=4), "min_tokens"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=float("nan")), "top_p"),
+    (dict(min_p=float("inf")), "min_p"), (dict(temperature="1"), "temperature"),
+    (dict(top_k=2.5), "top_k must be an integer"), (dict(seed=1.5), "seed must be"),
+    (dict(n=True), "n must be an integer"), (dict(max_tokens=8.0), "max_tokens"),
+    (dict(stop_token_ids=[3.7]), "stop_token_ids must be an integer"),
 ])
 def test_bad_sampling_params_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)
+
+
+def test_numpy_integers_are_token_ids_and_parameters(qwen2):
+    import numpy as np
+
+    path, _ = qwen2
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=64 * PAGE)
+    greedy = dict(max_tokens=np.int64(4), temperature=0, ignore_eos=True)
+    got = engine.generate([np.int64(5), np.int32(6)], SamplingParams(**greedy))
+    want = engine.generate([[5, 6]], SamplingParams(max_tokens=4, temperature=0,
+                                                    ignore_eos=True))
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert got[0].prompt_token_ids == [5, 6] and type(got[0].prompt_token_ids[0]) is int
 
 
 def test_unknown_model_type_and_backend_raise(tmp_path, qwen2):
