@@ -49,6 +49,9 @@ def from_sglang_output(result: dict) -> CompletionOutput:
     if kind not in _FINISH:
         raise RuntimeError(f"SGLang request ended with finish reason {reason!r}")
     logprobs = [float(lp) for lp, *_ in lps] if lps is not None else None
+    if logprobs is not None and len(logprobs) != len(ids):
+        raise ValueError(f"SGLang result has {len(ids)} output_ids but {len(logprobs)} "
+                         "output_token_logprobs: the trainer needs one logprob per token")
     return CompletionOutput(0, list(ids), logprobs, _FINISH[kind], result.get("text"))
 
 

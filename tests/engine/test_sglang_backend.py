@@ -72,6 +72,14 @@ def test_generate_expands_n_and_regroups_in_order(qwen2):
     assert all(c.finish_reason == "length" for o in outs for c in o.outputs)
 
 
+def test_logprobs_that_do_not_match_the_tokens_raise():
+    meta = {"finish_reason": {"type": "stop"}, "output_token_logprobs": [(-0.1, 1, None)]}
+    with pytest.raises(ValueError, match="2 output_ids but 1 output_token_logprobs"):
+        from_sglang_output({"output_ids": [1, 2], "meta_info": meta})
+    out = from_sglang_output({"output_ids": [1], "meta_info": meta})
+    assert out.token_ids == [1] and out.logprobs == [-0.1]
+
+
 def test_an_aborted_request_raises():
     with pytest.raises(RuntimeError, match="abort"):
         from_sglang_output({"output_ids": [1], "meta_info": {"finish_reason":
