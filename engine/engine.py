@@ -164,23 +164,18 @@ class Engine:
         return finished
 
     def _start(self, plan: Plan) -> int:
-        groups: dict[int, int] = {}  # id(group) -> its row
-        owners, index = [], []
         for s in plan.start:  # their contexts are the prompt until they draw a token
             s.merged_with = s.group
-            r = groups.setdefault(id(s.group), len(owners))
-            if r == len(owners):
-                owners.append(s)
-            index.append(r)
-        if (self.config.merge_identical_samples
-                and len(owners) * _SHARED_ROW_SAMPLING <= len(plan.start)):
-            # the samples of a group draw from its one row of prompt logits
-            logits = torch.stack([s.group.first_logits for s in owners])
-            finished = self._append(logits, plan.start, (index, owners))
+        if self.config.merge_identical_samples:  # a group's samples: one row of logits
+            owners, index = _distinct_contexts(plan.start)
         else:
-            rows = [s.group.first_logits for s in plan.start]
-            finished = self._append(torch.stack(rows), plan.start)
-        for g in (s.group for s in owners):
+            owners, index = plan.start, None
+        logits = torch.stack([s.group.first_logits for s in owners])
+        shared = None
+        if index is not None:
+            logits, shared = _sampler_rows(logits, owners, index)
+        finished = self._append(logits, plan.start, shared)
+        for g in {id(s.group): s.group for s in owners}.values():
             if all(s.started for s in g.samples):
                 self.cache.release_tail(g)
                 g.first_logits = None
@@ -228,8 +223,11 @@ class Engine:
                 s.merged_with = None
         shared = None
         if index is not None:  # the merged samples get their row's new KV and logits
-            src = [rows[r] for r, s in zip(index, seqs) if rows[r] is not s]
-            dst = [s for r, s in zip(index, seqs) if rows[r] is not s]
+            src, dst = [], []
+            for r, s in zip(index, seqs):
+                if rows[r] is not s:
+                    src.append(rows[r])
+                    dst.append(s)
             self.runner.copy_new_kv(src, dst)
             # a page this step filled is read-only from now on: merged samples share one
             ps = self.config.page_size
@@ -237,10 +235,7 @@ class Engine:
                     if (b.num_cached + 1) % ps == 0]
             if full:
                 self._counters["shared_decode_pages"] += self.cache.share_full_page(full)
-            if len(rows) * _SHARED_ROW_SAMPLING <= len(seqs):
-                shared = index, rows  # the sampler reads each row once
-            else:
-                logits = logits[torch.tensor(index, device=logits.device)]
+            logits, shared = _sampler_rows(logits, rows, index)
         for s in seqs:
             s.num_cached += 1
         finished = self._append(logits, seqs, shared)
@@ -330,6 +325,17 @@ def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] 
         index.append(len(rows))
         rows.append(s)
     return rows, (index if len(rows) < len(seqs) else None)
+
+
+def _sampler_rows(logits: torch.Tensor, rows: list[Sequence], index: list[int]
+                  ) -> tuple[torch.Tensor, tuple[list[int], list[Sequence]] | None]:
+    """The sampler's inputs for logits with one row per distinct context (rows; sample i
+    draws from row index[i]): the rows as they are with (index, rows) for the per-row
+    sampler when there are at most 1/_SHARED_ROW_SAMPLING as many rows as samples, else
+    the rows expanded to one per sample for the fused sampler."""
+    if len(rows) * _SHARED_ROW_SAMPLING <= len(index):
+        return logits, (index, rows)
+    return logits[torch.tensor(index, device=logits.device)], None
 
 
 def _progress(total: int, enabled: bool):

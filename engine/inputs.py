@@ -7,7 +7,7 @@ import numbers
 from collections.abc import Sequence as Seq
 
 from engine.config import ModelConfig
-from engine.request import pages_for
+from engine.request import min_pool_pages
 from engine.sampling_params import SamplingParams
 
 
@@ -74,8 +74,7 @@ def validate(prompt_ids: list[list[int]], params: list[SamplingParams], cfg: Mod
         bad = [t for t in p.stop_token_ids or () if not 0 <= t < V]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {V})")
-        # a prompt ending in a partial page holds it while each sample copies it
-        need = pages_for(total - 1, page_size) + (len(ids) % page_size != 0)
+        need = min_pool_pages(len(ids), p.max_tokens, page_size)
         if need > num_pages:
             raise ValueError(f"prompt {i} needs {need} KV pages for one sample of "
                              f"{p.max_tokens} tokens but the pool has {num_pages} pages of "

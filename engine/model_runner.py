@@ -33,17 +33,11 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token per sequence -> logits float32 [B, vocab], rows in order."""
-        ps = self.page_size
-        ids, positions, slots = [], [], []
-        for s in seqs:  # one pass: this runs over every row, each step
-            p = s.num_cached
-            ids.append(s.token_ids[-1])
-            positions.append(p)
-            slots.append(s.page_table[p // ps] * ps + p % ps)
+        positions = [s.num_cached for s in seqs]
         meta = self._decode_meta(seqs, positions)
-        meta.slots = self._tensor(slots)
+        meta.slots = self._tensor(self._next_slots(seqs))
         self.backend.begin(meta)
-        ids, pos = self._tensor(ids), self._tensor(positions)
+        ids, pos = self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions)
         t0 = time.perf_counter()
         logits = self.model.logits(self.model.forward(ids, pos, self.backend))
         self.last_model_seconds = time.perf_counter() - t0

@@ -11,7 +11,6 @@ has no KV yet) and the page table covers num_cached tokens.
 from __future__ import annotations
 
 import enum
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,19 @@ class Status(enum.Enum):
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
+
+
+def private_pages_at_max(prompt_len: int, max_tokens: int, page_size: int) -> int:
+    """Private pages one sample holds at max_tokens: its whole prompt pages are shared, the
+    partial last one is its own copy (the last sampled token has no KV)."""
+    return pages_for(prompt_len + max_tokens - 1, page_size) - prompt_len // page_size
+
+
+def min_pool_pages(prompt_len: int, max_tokens: int, page_size: int) -> int:
+    """The smallest pool one such request runs in: its prompt pinned (the partial last page
+    too, while the samples copy it) beside one sample's private pages at max_tokens."""
+    return pages_for(prompt_len, page_size) + private_pages_at_max(prompt_len, max_tokens,
+                                                                   page_size)
 
 
 @dataclass(eq=False)
@@ -49,27 +61,20 @@ class Group:
     # read per sample and step, so kept rather than recounted
     prompt_len: int = field(init=False)
     max_len: int = field(init=False)  # prompt + max_tokens: a sample this long is done
+    # shorter than this, a sample's stop tokens are banned (min_tokens)
+    ban_below: int = field(init=False)
+    max_private_pages: int = field(init=False)  # private_pages_at_max of a sample
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_ids)
         self.max_len = self.prompt_len + self.params.max_tokens
-        # shorter than this, a sample's stop tokens are banned (min_tokens)
         self.ban_below = self.prompt_len + self.params.min_tokens if self.stop_ids else 0
+        self.max_private_pages = private_pages_at_max(self.prompt_len, self.params.max_tokens,
+                                                      self.page_size)
 
     @property
     def shared_len(self) -> int:
         return len(self.shared_pages) * self.page_size
-
-    @property
-    def tail_len(self) -> int:
-        return self.prompt_len - self.shared_len if self.prefilled else 0
-
-    @functools.cached_property
-    def max_private_pages(self) -> int:
-        """Private pages one sample holds at max_tokens (whole prompt pages are shared)."""
-        full_prompt_pages = self.prompt_len // self.page_size
-        return pages_for(self.prompt_len + self.params.max_tokens - 1,
-                         self.page_size) - full_prompt_pages
 
     @property
     def done(self) -> bool:
@@ -95,20 +100,12 @@ class Sequence:
     merged_with: object | None = None
 
     @property
-    def num_output(self) -> int:
-        return len(self.token_ids) - self.group.prompt_len
-
-    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.group.prompt_len:]
 
     @property
     def private_pages(self) -> list[int]:
         return self.page_table[len(self.group.shared_pages):]
-
-    @property
-    def num_private_pages(self) -> int:
-        return len(self.page_table) - len(self.group.shared_pages)
 
     def check(self) -> None:
         ps = self.group.page_size

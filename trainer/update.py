@@ -58,11 +58,11 @@ def build_samples(groups: list[Group], cfg: TrainConfig,
         keep = (max_variance_subset(g.rewards, k, generator).tolist() if k
                 else range(g.n))
         for j in keep:
-            if len(g.behaviour_logprobs[j] or ()) != len(g.response_ids[j]):
-                got = None if g.behaviour_logprobs[j] is None else len(g.behaviour_logprobs[j])
-                raise ValueError(f"group {gi} sample {j}: {got} behaviour "
-                                 f"logprobs for {len(g.response_ids[j])} response tokens; "
-                                 "the engine must return one logprob per sampled token")
+            lps = g.behaviour_logprobs[j] or ()
+            if len(lps) != len(g.response_ids[j]):
+                raise ValueError(f"group {gi} sample {j}: {len(lps)} behaviour logprobs for "
+                                 f"{len(g.response_ids[j])} response tokens; the engine "
+                                 "must return one logprob per sampled token")
         samples += [Sample(g.prompt_ids + g.response_ids[j], len(g.prompt_ids),
                            float(row[j]), g.behaviour_logprobs[j])
                     for j in sorted(keep) if g.response_ids[j]]
