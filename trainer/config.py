@@ -122,6 +122,11 @@ class RolloutConfig:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 for RL sampling")
+        _sampling("rollout", n=self.n, temperature=self.temperature, top_p=self.top_p,
+                  top_k=self.top_k, max_tokens=self.max_tokens)
+        from engine.attention import BACKENDS, LAZY_BACKENDS
+
+        _choice(self, "attention_backend", ("auto", *BACKENDS, *LAZY_BACKENDS))
 
     @property
     def samples_per_step(self) -> int:
@@ -213,6 +218,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "k", "max_tokens")
+        _sampling("eval", n=self.k, temperature=self.temperature, top_p=self.top_p,
+                  max_tokens=self.max_tokens)
 
 
 @dataclass(frozen=True)
@@ -294,6 +301,17 @@ def _positive(obj, *names: str) -> None:
         if getattr(obj, name) <= 0:
             raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got "
                              f"{getattr(obj, name)}")
+
+
+def _sampling(section: str, **params) -> None:
+    """Checks sampling options as the engine will, so that a bad value fails before the
+    policy is built or loaded rather than at the first generate call."""
+    from engine.sampling_params import SamplingParams
+
+    try:
+        SamplingParams(**params)
+    except ValueError as exc:
+        raise ValueError(f"{section}: {exc}") from None
 
 
 def _choice(obj, name: str, options: tuple) -> None:

@@ -40,6 +40,11 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("ray.num_trainers=2", "num_trainers=2 needs launcher=ray"),
     ("ray.trainer_gpus=2", "trainer_gpus=2.*set ray.num_trainers"),
     ("ray.num_trainers=0", "num_trainers must be > 0"),
+    # sampling options fail at load, not at the first generate call after the warm start
+    ("rollout.top_p=0", r"rollout: top_p must be in \(0, 1\]"),
+    ("rollout.top_k=0", "rollout: top_k must be -1"), ("eval.top_p=1.5", "eval: top_p"),
+    ("eval.temperature=-1", "eval: temperature must be >= 0"),
+    ("rollout.attention_backend=fast", "attention_backend must be one of auto, torch"),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):
