@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import DataConfig
+from trainer.verifiers import get_verifier
 
 GYM_PREFIX = "gym:"
 
@@ -48,6 +49,10 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     train = [p for p in train if p.prompt not in held_prompts]
     if not train:
         raise ValueError("no training problems left after removing the held-out ones")
+    for name in sorted({p.verifier for p in train + held}):
+        # an unknown name or a "module:function" that does not import would otherwise fail
+        # in every sample's scoring, and the run would train on rewards that are all 0
+        get_verifier(name)
     return train, held
 
 

@@ -98,8 +98,13 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
           dp: DataParallel = SINGLE) -> Run:
     run_dir = Path(resume or cfg.output_dir)
 
+    problems: list = []  # (train, held-out), read on rank 0
+
     def prepare() -> tuple[Path | None, str]:
         ckpt = latest_checkpoint(run_dir) if resume else None
+        # before the policy is built (the demo's warm start takes minutes): a bad dataset
+        # or verifier fails in seconds
+        problems.extend(load_problems(cfg.data))
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
@@ -116,7 +121,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         if engine.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer; the trainer needs one to render "
                              "prompts")
-        train_set, held_out = load_problems(cfg.data)
+        train_set, held_out = problems
         return (engine, ProblemStream(train_set, cfg.seed), len(train_set), held_out,
                 VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s),
                 MetricsWriter(run_dir))

@@ -5,6 +5,7 @@ pass rate so far says are needed)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from trainer.algorithms import group_keep_mask, predicted_keep_rate
 from trainer.config import TrainConfig
 from trainer.data import Problem, ProblemStream, render_prompt
 from trainer.verifiers import VerifyItem
+
+log = logging.getLogger("brorl")
 
 
 @dataclass
@@ -58,6 +61,11 @@ def generate_groups(engine, problems: list[Problem], cfg: TrainConfig, seeds: li
     items = [VerifyItem(c.text or "", p.answer, p.verifier, p.metadata)
              for p, o in zip(problems, outs) for c in o.outputs]
     results = pool.score(items)
+    if results and all(r.status != "ok" for r in results):
+        # scored 0 and trained on as such: say so rather than let a broken verifier pass
+        # for a policy that solves nothing
+        log.warning("the verifier failed on all %d samples, which scored 0 (first: %s, %s)",
+                    len(results), results[0].status, results[0].detail)
     groups, k = [], 0
     for p, ids, o in zip(problems, prompts, outs):
         scores = []

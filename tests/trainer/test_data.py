@@ -62,6 +62,23 @@ def test_bad_files_raise_clear_errors(tmp_path):
         load_problems(DataConfig(train=str(small), eval_size=10))
 
 
+@pytest.mark.parametrize("verifier,match", [
+    ("bogus", "unknown verifier 'bogus'"), ("no_such_module:fn", "cannot import"),
+    ("json:no_such_function", "has no 'no_such_function'"),
+])
+def test_a_verifier_that_cannot_run_fails_at_load(tmp_path, verifier, match):
+    # else every sample's scoring fails and the run trains on rewards that are all 0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps(r) for r in _rows(5)))
+    with pytest.raises(ValueError, match=match):
+        load_problems(DataConfig(train=str(rows), eval_size=1, verifier=verifier))
+    per_row = tmp_path / "per_row.jsonl"
+    per_row.write_text("\n".join(json.dumps({**r, "verifier": verifier}) for r in _rows(5)))
+    with pytest.raises(ValueError, match=match):
+        load_problems(DataConfig(train=str(per_row), eval_size=1))
+    assert len(load_problems(DataConfig(train=str(rows), eval_size=1))[0]) == 4
+
+
 def test_stream_resumes_exactly_across_epochs():
     problems = [Problem(str(i), None, "math") for i in range(7)]
     a = ProblemStream(problems, seed=5)

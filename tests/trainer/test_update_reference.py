@@ -385,9 +385,13 @@ class _ScriptedEngine:
 
 class _Pool:
     stats = {"timeouts": 0, "errors": 0}
+    status = "ok"  # "error": every sample's verifier raised
 
     def score(self, items):
-        return [SimpleNamespace(score=float(it.response)) for it in items]
+        if self.status != "ok":
+            return [SimpleNamespace(score=0.0, status=self.status, detail="ImportError: x")
+                    for _ in items]
+        return [SimpleNamespace(score=float(it.response), status="ok") for it in items]
 
 
 class _Stream:
@@ -400,7 +404,8 @@ class _Stream:
         return out
 
 
-def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True, oversample=False):
+def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True, oversample=False,
+              pool=None):
     from trainer.rollout import collect_rollouts
 
     problems = [Problem(f"p{k}", "1", "math") for k in range(len(rewards))]
@@ -413,8 +418,21 @@ def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True, oversample=F
                              f"rollout.dynamic_sampling={str(dynamic).lower()}",
                              f"rollout.oversample={str(oversample).lower()}",
                              "progress=false"])
-    out = collect_rollouts(engine, _Stream(problems), _Pool(), cfg, step=1)
+    out = collect_rollouts(engine, _Stream(problems), pool or _Pool(), cfg, step=1)
     return out, engine
+
+
+def test_a_verifier_that_fails_on_every_sample_is_reported(caplog):
+    pool = _Pool()
+    pool.status = "error"
+    with caplog.at_level("WARNING", logger="brorl"):
+        out, _ = _rollouts([MIXED, MIXED], prompts_per_step=1, max_prompts=2, pool=pool)
+    assert "the verifier failed on all 4 samples" in caplog.text and "ImportError" in caplog.text
+    assert out.groups == []  # all scored 0: no group passes
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brorl"):
+        _rollouts([MIXED, MIXED], prompts_per_step=1, max_prompts=2)
+    assert "verifier failed" not in caplog.text
 
 
 ALL_OK, ALL_BAD, MIXED = [1.0] * 4, [0.0] * 4, [1.0, 0.0, 0.0, 0.0]
