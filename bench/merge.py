@@ -34,8 +34,8 @@ def run_steps(merge: bool, steps: int, overrides: list[str]) -> dict:
     from trainer.config import load_config
 
     out_dir = f"/tmp/brorl-bench-merge-{'on' if merge else 'off'}"
-    cfg = load_config(None, [f"output_dir={out_dir}", "progress=false", "eval.every=0",
-                             "checkpoint_every=1000", f"steps={steps}",
+    cfg = load_config(None, [f"output_dir={out_dir}", "overwrite=true", "progress=false",
+                             "eval.every=0", "checkpoint_every=1000", f"steps={steps}",
                              f"rollout.merge_identical_samples={merge}",
                              f"optim.merge_identical_samples={merge}", *overrides])
     run = loop.setup(cfg, None)

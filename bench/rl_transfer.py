@@ -70,9 +70,9 @@ def main() -> None:
     args, overrides = ap.parse_known_args()  # the rest: config overrides (key=value)
     out = args.out
     out_dir = "/tmp/brorl-rl-transfer"
-    cfg = load_config(None, [f"output_dir={out_dir}", "progress=false", "eval.every=0",
-                             "checkpoint_every=1000", "rollout.dynamic_sampling=false",
-                             "steps=8", *overrides])
+    cfg = load_config(None, [f"output_dir={out_dir}", "overwrite=true", "progress=false",
+                             "eval.every=0", "checkpoint_every=1000",
+                             "rollout.dynamic_sampling=false", "steps=8", *overrides])
     run = loop.setup(cfg, None)
     trained = run.stream.take(cfg.rollout.prompts_per_step)
     run.stream = _FixedPrompts(trained)

@@ -271,6 +271,9 @@ class TrainConfig:
     steps: int = _f(10, "RL steps")
     seed: int = _f(0, "seed of sampling, shuffling and initialisation")
     output_dir: str = _f("runs/demo", "run directory (metrics.jsonl, checkpoints, plots)")
+    overwrite: bool = _f(False, "start over in an output_dir that already holds a run, "
+                         "deleting its checkpoints and metrics (without it, such a "
+                         "directory is refused; --resume continues it)")
     checkpoint_every: int = _f(5, "save a checkpoint every k steps (and at the end)")
     keep_checkpoints: int = _f(2, "newest checkpoints kept")
     progress: bool = _f(True, "progress bars")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from trainer.checkpoint import (
 from trainer.config import TrainConfig, to_dict
 from trainer.data import GYM_PREFIX, ProblemStream, load_problems
 from trainer.evaluate import evaluate
-from trainer.metrics import MetricsWriter, read_metrics
+from trainer.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics
 from trainer.parallel import (
     SINGLE,
     DataParallel,
@@ -105,6 +106,8 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         # before the policy is built (the demo's warm start takes minutes): a bad dataset
         # or verifier fails in seconds
         problems.extend(load_problems(cfg.data))
+        if ckpt is None:
+            _claim_run_dir(run_dir, cfg.overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
@@ -292,6 +295,24 @@ def _restore(run: Run, ckpt: Path) -> None:
         run.metrics.truncate_after(run.step)
         run.engine.policy_version = run.step
         log.info("resumed from %s (step %d)", ckpt, run.step)
+
+
+def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run may not write into another run's directory: its metrics would be appended
+    to the old ones and its checkpoints replace theirs. With `overwrite` the old run's
+    files are deleted first."""
+    held = [p for p in (run_dir / METRICS_FILE, run_dir / "checkpoints", run_dir / TB_DIR)
+            if p.exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"output_dir {run_dir} already holds a run "
+                         f"({', '.join(p.name for p in held)}): continue it with --resume "
+                         f"{run_dir}, choose another output_dir, or pass overwrite=true to "
+                         "delete it and start over")
+    log.warning("overwrite=true: deleting the run in %s", run_dir)
+    for p in held:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def check_inputs(cfg: TrainConfig) -> None:

@@ -101,3 +101,20 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(_cfg("unused", tmp_path / "x"), resume=str(tmp_path / "empty"))
+
+
+def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_policy, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_policy, out, steps=1))
+    before = read_metrics(out)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    with pytest.raises(ValueError, match=r"already holds a run \(metrics.jsonl, checkpoints"
+                                         r"\).*--resume.*overwrite=true"):
+        train(_cfg(tiny_policy, out, steps=1))
+    # refused before touching anything: the old run's metrics and checkpoints are intact
+    assert read_metrics(out) == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    (out / "checkpoints" / "step-000009").mkdir()  # a stale checkpoint the new run must drop
+    train(_cfg(tiny_policy, out, steps=1, overwrite="true"))
+    assert [r["step"] for r in read_metrics(out)] == [0, 1]  # not appended to the old run's
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
