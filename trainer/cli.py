@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="mean@k, pass@k and response length on held-out data",
                        formatter_class=fmt, epilog="config keys:\n" + describe())
     e.add_argument("checkpoint", help="HF checkpoint dir, or a run dir (its last checkpoint)")
-    e.add_argument("--config", default=None)
+    e.add_argument("--config", default=None,
+                   help="YAML file (default: the run's config.yaml for a run or its "
+                        "checkpoint, else the shipped demo)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("plot", help="PNG curves of a run (accuracy, reward vs hours)")
     p.add_argument("run_dir")
@@ -82,12 +84,20 @@ def _eval(args) -> int:
     from trainer.evaluate import evaluate
     from trainer.verifiers import VerifierPool
 
-    cfg = load_config(args.config, args.overrides)
     path = Path(args.checkpoint)
+    run_dir = (path if (path / "checkpoints").is_dir() else
+               path.parent.parent if path.parent.name == "checkpoints" else None)
     if (path / "checkpoints").is_dir():
         path = latest_checkpoint(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is neither a checkpoint dir nor a run dir")
+    # a run's own config (its data, verifier and eval settings), as --resume uses it
+    saved = run_dir / "config.yaml" if run_dir is not None else None
+    if args.config is None and saved is not None and saved.is_file():
+        logging.getLogger("brorl").info("config: %s", saved)
+        cfg = load_config(saved, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     engine = Engine(str(path), device=cfg.model.resolved_device, dtype=cfg.model.dtype,
                     page_size=cfg.rollout.page_size, max_kv_tokens=cfg.rollout.max_kv_tokens)
     _, held_out = load_problems(cfg.data)

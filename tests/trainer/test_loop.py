@@ -118,3 +118,20 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_polic
     train(_cfg(tiny_policy, out, steps=1, overwrite="true"))
     assert [r["step"] for r in read_metrics(out)] == [0, 1]  # not appended to the old run's
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+
+
+def test_eval_of_a_run_uses_the_runs_own_config(tiny_policy, tmp_path, capsys):
+    import json
+
+    from trainer.cli import main
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_policy, out, steps=1))
+    capsys.readouterr()
+    ckpt = out / "checkpoints" / "step-000001"
+    for target in (out, ckpt):  # a run dir, or one of its checkpoints
+        assert main(["eval", str(target), "verifier.num_workers=0"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        # the run's data.eval_size=4 and eval.k=2, not the demo's 100 and 8
+        assert result["checkpoint"] == str(ckpt)
+        assert (result["eval/problems"], result["eval/k"]) == (4, 2)
