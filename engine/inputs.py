@@ -28,6 +28,9 @@ def normalize_params(params, num_prompts: int) -> list[SamplingParams]:
         return [SamplingParams()] * num_prompts
     if isinstance(params, SamplingParams):
         return [params] * num_prompts
+    if isinstance(params, (dict, str)) or not hasattr(params, "__iter__"):
+        raise ValueError("sampling_params must be a SamplingParams or a list of them, got "
+                         f"{type(params).__name__}")
     params = list(params)
     if len(params) != num_prompts:
         raise ValueError(f"got {len(params)} SamplingParams for {num_prompts} prompts")

@@ -181,6 +181,7 @@ def test_string_prompts_use_the_checkpoint_tokenizer(tmp_path):
     (lambda: ([[5]], SamplingParams(stop_token_ids=[4000])), "stop token id"),
     (lambda: (["text"], SamplingParams()), "no tokenizer"),
     (lambda: ([[5], [6]], [SamplingParams()]), "2 prompts"),
+    (lambda: ([[5]], {"n": 2}), "a SamplingParams or a list of them, got dict"),
     (lambda: ([[5] * 100], SamplingParams(max_tokens=300)), "KV pages"),
 ])
 def test_bad_requests_raise_and_the_engine_keeps_working(qwen2, bad, match):
