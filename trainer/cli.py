@@ -63,7 +63,17 @@ def _train(args) -> int:
     check_inputs(cfg)
     if cfg.launcher == "ray":
         from trainer.launch_ray import train_ray as train
-    result = train(cfg, resume=args.resume)
+    run_dir = Path(args.resume or cfg.output_dir)
+    try:
+        result = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        from trainer.checkpoint import checkpoint_dirs
+
+        ckpts = checkpoint_dirs(run_dir)
+        print("\nbrorl train: interrupted; " + (
+            f"the newest checkpoint is {ckpts[-1]}: continue with brorl train --resume "
+            f"{run_dir}" if ckpts else "no checkpoint was written yet"), file=sys.stderr)
+        return 130
     before, after = result["before"], result["after"]
     if before and after:
         k = cfg.eval.k

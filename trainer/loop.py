@@ -74,6 +74,10 @@ class Run:
     dp: DataParallel = SINGLE
     step: int = 0
     elapsed_s: float = 0.0  # training wall time, carried across resumes
+    checkpointed: int = 0  # the step of the newest checkpoint (0: none yet)
+    # the trainer state as the last finished step left it, kept while the next step has
+    # only drawn rollouts (the policy is unchanged): an interrupt then saves that step
+    resumable: dict | None = None
 
 
 def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
@@ -88,6 +92,9 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
             _log_eval(run, 0, {"elapsed_s": 0.0})
         while run.step < cfg.steps:
             train_step(run)
+    except KeyboardInterrupt:
+        _checkpoint_interrupted(run)
+        raise
     finally:
         if dp.is_main:
             run.pool.close()
@@ -160,8 +167,11 @@ def train_step(run: Run) -> dict:
     start = time.perf_counter()
     groups, metrics = None, {}
     if run.dp.is_main:
+        run.resumable = {"stream": run.stream.state(), "rng": rng_state(),
+                         "elapsed_s": run.elapsed_s}
         rollouts = collect_rollouts(run.engine, run.stream, run.pool, cfg, step)
         groups, metrics = rollouts.groups, dict(rollouts.metrics)
+    run.resumable = None  # from here on the step changes the policy
     groups = broadcast_object(groups, run.dp)
     if groups:
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -252,8 +262,9 @@ def _console(step: int, steps: int, m: dict) -> None:
              f"{m['train/loss']:.4f}" if "train/loss" in m else "-", m["step_seconds"])
 
 
-def _checkpoint(run: Run) -> None:
-    """Every rank joins the gathers of a sharded policy; rank 0 writes."""
+def _checkpoint(run: Run, trainer_state: dict | None = None) -> None:
+    """Every rank joins the gathers of a sharded policy; rank 0 writes. `trainer_state`:
+    the stream, RNG and elapsed time to save in place of the current ones."""
     dp = run.dp
     optim = optimizer_state(run.model, run.optimizer, dp)
     weights = full_state(run.model, dp) if dp.enabled else None
@@ -262,10 +273,21 @@ def _checkpoint(run: Run) -> None:
         return
     state = {"optimizer": optim, "scheduler": run.scheduler.state_dict(),
              "stream": run.stream.state(), "rng": rng_state(), "elapsed_s": run.elapsed_s,
-             "config": to_dict(run.cfg), "data_parallel": dp.enabled}
+             **(trainer_state or {}), "config": to_dict(run.cfg), "data_parallel": dp.enabled}
     path = save_checkpoint(run.run_dir, run.step, run.model, run.engine.tokenizer, state,
                            run.ref_model, run.cfg.keep_checkpoints, weights, ref)
+    run.checkpointed = run.step
     log.info("checkpoint: %s", path)
+
+
+def _checkpoint_interrupted(run: Run) -> None:
+    """On Ctrl-C while a step draws its rollouts, the last finished step is saved as it
+    ended, so `--resume` loses nothing and continues exactly. Interrupted later in a step
+    (the policy half updated), the run resumes from its newest checkpoint. One process
+    only: data-parallel ranks are not interrupted together."""
+    if run.dp.enabled or run.resumable is None or run.step <= run.checkpointed:
+        return  # (step 0 is the initial policy: a new run starts it again)
+    _checkpoint(run, run.resumable)
 
 
 def _restore(run: Run, ckpt: Path) -> None:
@@ -287,6 +309,7 @@ def _restore(run: Run, ckpt: Path) -> None:
     run.scheduler.load_state_dict(info["scheduler"])
     set_rng_state(info["rng"])
     run.step, run.elapsed_s = int(info["step"]), float(info["elapsed_s"])
+    run.checkpointed = run.step
     if run.ref_model is not None and info["has_reference"]:
         ref = on_main(lambda: torch.load(ckpt / "reference.pt", map_location="cpu"), dp)
         load_full_state(run.ref_model, ref or {}, dp)

@@ -135,3 +135,52 @@ def test_eval_of_a_run_uses_the_runs_own_config(tiny_policy, tmp_path, capsys):
         # the run's data.eval_size=4 and eval.k=2, not the demo's 100 and 8
         assert result["checkpoint"] == str(ckpt)
         assert (result["eval/problems"], result["eval/k"]) == (4, 2)
+
+
+def test_an_interrupt_while_drawing_rollouts_saves_the_last_step(tiny_policy, tmp_path,
+                                                                  monkeypatch):
+    """Ctrl-C in step 4's rollouts (checkpoints every 2 steps) saves step 3 as it ended;
+    the resumed run logs the same metrics as one never interrupted."""
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_policy, straight, steps=5))
+    cut = tmp_path / "cut"
+    real = loop.collect_rollouts
+
+    def interrupted_in_step_4(engine, stream, pool, cfg, step):
+        out = real(engine, stream, pool, cfg, step)  # the stream and RNG have moved on
+        if step == 4:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(loop, "collect_rollouts", interrupted_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_policy, cut, steps=5))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002",
+                                                                       "step-000003"]
+    train(_cfg(tiny_policy, cut, steps=5), resume=str(cut))
+    got = read_metrics(cut)
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 4, 5]
+    assert _comparable(got) == _comparable(read_metrics(straight))
+
+
+def test_an_interrupt_during_an_update_leaves_the_newest_checkpoint(tiny_policy, tmp_path,
+                                                                    monkeypatch, capsys):
+    import trainer.cli as cli
+
+    cut = tmp_path / "cut"
+    real = loop.policy_update
+
+    def interrupted_update(*args, **kwargs):
+        if loop_steps[0] == 3:  # the policy would be half updated: nothing is saved
+            raise KeyboardInterrupt
+        loop_steps[0] += 1
+        return real(*args, **kwargs)
+
+    loop_steps = [1]
+    monkeypatch.setattr(loop, "policy_update", interrupted_update)
+    monkeypatch.setattr(cli, "load_config", lambda *a: _cfg(tiny_policy, cut, steps=4))
+    assert cli.main(["train"]) == 130
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002"]
+    assert (f"interrupted; the newest checkpoint is {cut / 'checkpoints' / 'step-000002'}: "
+            f"continue with brorl train --resume {cut}") in capsys.readouterr().err
