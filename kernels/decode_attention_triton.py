@@ -26,6 +26,7 @@ import triton.language as tl
 from kernels.triton_common import (
     LOG2E,
     check_cache,
+    check_device,
     check_int,
     dot_precision,
     num_splits,
@@ -218,6 +219,8 @@ def _partials(B: int, H: int, S: int, D: int, device) -> tuple[torch.Tensor, tor
 def _split_plan(work: int, max_tokens: int, device, requested: int | None,
                 block: int) -> tuple[int, int]:
     """(number of splits, tokens per split, a multiple of `block`)."""
+    if requested is not None and not (isinstance(requested, int) and requested >= 1):
+        raise ValueError(f"splits must be a positive int or None, got {requested!r}")
     s = requested if requested is not None else num_splits(work, max_tokens, device)
     split_len = max(block, triton.cdiv(triton.cdiv(max(max_tokens, 1), s), block) * block)
     return triton.cdiv(max(max_tokens, 1), split_len), split_len
@@ -227,7 +230,9 @@ def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                         splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`paged_decode_ref`'s contract: (out float32 [B, H, D], lse float32 [B, H]).
-    `splits` forces the number of KV splits (default: enough programs to fill the GPU)."""
+    `splits` forces the number of KV splits (default: enough programs to fill the GPU).
+    seq_lens[b] must not exceed what page_table[b] holds: not checked, as that would cost
+    a host sync per layer (the cascade launcher checks it with the sync it needs)."""
     _check_q(q, k_cache, v_cache)
     B = q.shape[0]
     check_int("page_table", page_table, 2, q.device, rows=B)
@@ -253,9 +258,10 @@ def shared_prefix_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens, scale,
-                     extra_splits: int, splits: int | None):
+                     extra_splits: int, splits: int | None, suffix=None):
     """Runs stage 1 into a fresh partials buffer with `extra_splits` free split slots after
-    the prefix splits. Returns (o_part, l_part, number of prefix splits)."""
+    the prefix splits (`suffix`: checked with the groups, see `_check_groups`). Returns
+    (o_part, l_part, number of prefix splits)."""
     B, H, D = q.shape
     check_int("group_rows", group_rows, 2, q.device)
     G = group_rows.shape[0]
@@ -266,13 +272,39 @@ def _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens,
     work = G * k_cache.shape[2] * triton.cdiv(max(group_rows.shape[1] * r, 1), PREFIX_BLOCK_M)
     s, split_len = _split_plan(work, max_tokens, q.device, splits, PREFIX_BLOCK_N)
     o_part, l_part = _partials(B, H, s + extra_splits, D, q.device)
-    if G * group_rows.shape[1] < B or bool((group_rows < 0).any()):
+    padded = _check_groups(group_rows, prefix_lens, B, max_tokens, suffix)
+    if G * group_rows.shape[1] < B or padded:
         o_part[:, :, :s].zero_()  # rows outside every group: an empty prefix
         l_part[:, :, :s].fill_(-math.inf)
     if G > 0:
         _launch_prefix(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens, scale,
                        o_part, l_part, s, split_len)
     return o_part, l_part, s
+
+
+def _check_groups(group_rows: torch.Tensor, prefix_lens: torch.Tensor, B: int,
+                  max_tokens: int, suffix: tuple[torch.Tensor, int] | None) -> bool:
+    """Raises unless every group row is -1 or a row of q and every prefix (and suffix:
+    (suffix_lens, tokens its pages hold)) fits its pages: else the kernels would write or
+    read out of bounds. One host sync (the launcher needs one anyway, to know whether to
+    clear the prefix partials). A row listed twice is not detected. Returns whether some
+    group row is padding (-1)."""
+    if group_rows.numel() == 0:
+        return False
+    stats = [*torch.aminmax(group_rows), prefix_lens.max()]
+    if suffix is not None:
+        stats.append(suffix[0].max())
+    bounds = torch.stack(stats).tolist()  # stack promotes int32 to int64
+    if bounds[0] < -1 or bounds[1] >= B:
+        raise ValueError(f"group_rows must be -1 (padding) or rows of q in [0, {B}), got "
+                         f"values in [{bounds[0]}, {bounds[1]}]")
+    if bounds[2] > max_tokens:
+        raise ValueError(f"a prefix of {bounds[2]} tokens does not fit its prefix_pages "
+                         f"({max_tokens} tokens)")
+    if suffix is not None and bounds[3] > suffix[1]:
+        raise ValueError(f"a suffix of {bounds[3]} tokens does not fit its suffix_pages "
+                         f"({suffix[1]} tokens)")
+    return bounds[0] < 0
 
 
 def merge_states_triton(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
@@ -283,6 +315,7 @@ def merge_states_triton(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tenso
         if t.dtype != torch.float32 or t.device != o_a.device:
             raise ValueError(f"{name} must be float32 on {o_a.device}, got {t.dtype} on "
                              f"{t.device}")
+    check_device("o_a", o_a)
     if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape or o_a.shape[:-1] != lse_a.shape:
         raise ValueError(f"shapes do not match: o {tuple(o_a.shape)}/{tuple(o_b.shape)}, "
                          f"lse {tuple(lse_a.shape)}/{tuple(lse_b.shape)}")
@@ -313,7 +346,8 @@ def cascade_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     ss, split_len = _split_plan(B * k_cache.shape[2], max_suffix, q.device, suffix_splits,
                                 DECODE_BLOCK_N)
     o_part, l_part, sp = _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages,
-                                          prefix_lens, scale, ss, prefix_splits)
+                                          prefix_lens, scale, ss, prefix_splits,
+                                          (suffix_lens, max_suffix))
     _launch_paged(q, k_cache, v_cache, suffix_pages, suffix_lens, scale, o_part[:, :, sp:],
                   l_part[:, :, sp:], ss, split_len)
     return _merge(o_part, l_part)[0]

@@ -19,6 +19,7 @@ from kernels.triton_common import LOG2E, check_cache, check_int, dot_precision
 
 EXTEND_BLOCK_M = 32  # new tokens per program
 EXTEND_BLOCK_N = 64  # keys per step
+_NO_PAGES = 2**62  # min_page_size of a sequence with keys and an empty page table
 
 
 @dataclass
@@ -31,6 +32,9 @@ class ExtendPacked:
     cu_seqlens: torch.Tensor  # [S] int64, first row of each sequence in q
     max_extend: int
     total_tokens: int
+    # the smallest page size whose pages hold every sequence's prefix_len + extend_len
+    # keys (a shorter page table would make the kernel read past its row)
+    min_page_size: int = 0
 
 
 def pack_extend_meta(page_tables: list[torch.Tensor], prefix_lens: list[int],
@@ -51,10 +55,14 @@ def pack_extend_meta(page_tables: list[torch.Tensor], prefix_lens: list[int],
     starts = [0]
     for t in extend_lens[:-1]:
         starts.append(starts[-1] + t)
+    need = 0
+    for p, c, t in zip(page_tables, prefix_lens, extend_lens):
+        if c + t:
+            need = max(need, -(-(c + t) // p.numel()) if p.numel() else _NO_PAGES)
     return ExtendPacked(table, torch.tensor(prefix_lens, dtype=torch.int32, device=device),
                         torch.tensor(extend_lens, dtype=torch.int32, device=device),
                         torch.tensor(starts, dtype=torch.int64, device=device),
-                        max(extend_lens), sum(extend_lens))
+                        max(extend_lens), sum(extend_lens), need)
 
 
 @triton.jit
@@ -122,6 +130,10 @@ def extend_attention_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"{meta.total_tokens}")
     T, H, D = q.shape
     hkv, ps = k_cache.shape[2], k_cache.shape[1]
+    if meta.min_page_size > ps:
+        raise ValueError(f"a page table is too short: its pages of {ps} tokens hold fewer "
+                         f"keys than its prefix + extend length (pages of "
+                         f"{meta.min_page_size} tokens would)")
     out = torch.empty_like(q)
     if T == 0:
         return out

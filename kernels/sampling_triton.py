@@ -37,7 +37,7 @@ from kernels.triton_common import check_float
 
 BLOCK = 1024  # tokens per block of the sum and walk passes
 SEARCH_BLOCK = 128  # tokens per block of a search pass (a [block, NT] tile)
-NT = 16  # candidate thresholds per search pass
+NT = 16  # candidate thresholds per search pass (a power of 2 >= 4; with 2 it never narrows)
 MAX_PASSES = 48  # search passes per threshold (a safety bound; ~4-8 are typical)
 
 

@@ -90,17 +90,23 @@ def token_stats_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`token_stats_ref`'s contract, fused: (logp [T], entropy [T], lse [T]) float32 from
     hidden [T, H] and weight [V, H] (float16/bfloat16/float32, CUDA or the interpreter),
-    bias [V] or None, targets int [T] in [0, V) (not checked here: an out-of-range target
-    gives logp = -lse)."""
+    bias [V] or None, targets int [T] in [0, V) (checked: one host sync, as in the
+    reference)."""
     _check(hidden, weight, bias, targets, temperature)
-    for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+    named = [("hidden", hidden), ("weight", weight), ("targets", targets)]
+    for name, t in named + ([("bias", bias)] if bias is not None else []):
         check_device(name, t)
-    if not hidden.device == weight.device == targets.device:
-        raise ValueError(f"devices differ: hidden {hidden.device}, weight {weight.device}, "
-                         f"targets {targets.device}")
-    hidden, weight = hidden.contiguous(), weight.contiguous()
+        if t.device != hidden.device:
+            raise ValueError(f"devices differ: hidden {hidden.device}, {name} {t.device}")
     T, Hd = hidden.shape
     V = weight.shape[0]
+    if T > 0:
+        lo, hi = torch.stack(torch.aminmax(targets)).tolist()
+        if lo < 0 or hi >= V:  # the kernel would give logp -lse or -inf
+            raise ValueError(f"targets outside [0, {V})")
+    # the kernel indexes every operand with unit last stride (a strided bias read wrong)
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     bt, bv, bh, warps, stages = _blocks(hidden.dtype)
     splits = _num_splits(T, V, bt, bv, hidden.device)
     split_len = triton.cdiv(triton.cdiv(V, splits), bv) * bv
