@@ -148,15 +148,21 @@ class GlooChannel(Channel):
             seg = self._sender_segment(total)
             if seg is not None:
                 header[:] = torch.tensor([seg.generation, seg.capacity])
-        self.broadcast(header, src=0)
-        generation, capacity = (int(v) for v in header)
-        if generation == 0:
-            self._segment = None
-            return None
         failed = torch.zeros(1, dtype=torch.int64)
-        if self.rank and not self._attach(generation, capacity):
-            failed[0] = 1
-        self.allreduce_max(failed)
+        try:
+            self.broadcast(header, src=0)
+            generation, capacity = (int(v) for v in header)
+            if generation == 0:
+                self._segment = None
+                return None
+            if self.rank and not self._attach(generation, capacity):
+                failed[0] = 1
+            self.allreduce_max(failed)
+        except BaseException:  # a peer gone before it mapped the segment: drop it now
+            if self.rank == 0 and self._segment is not None:
+                self._segment.unlink()
+                self._segment = None
+            raise
         if self.rank == 0:
             self._segment.unlink()
         if int(failed[0]):

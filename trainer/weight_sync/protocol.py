@@ -2,9 +2,10 @@
 
 One sync is: the sender (rank 0, the trainer) broadcasts a manifest (every tensor's name,
 shape and dtype, the bucket layout and the policy version) as JSON bytes; every receiver
-checks the whole manifest against its engine's model and the group agrees on the verdict
-(one MAX all-reduce of a status flag; a refusal's reason is broadcast by the lowest refusing
-rank); then the buckets follow, each a contiguous byte buffer holding tensors of one dtype
+checks the whole manifest (its layout, that its version does not go back, every tensor
+against its engine's model; a manifest it cannot even read is refused too) and the group
+agrees on the verdict (one MAX all-reduce of a status flag; a refusal's reason is
+broadcast by the lowest refusing rank); then the buckets follow, each a contiguous byte buffer holding tensors of one dtype
 packed back to back (never pickled). A receiver applies the tensors only after every bucket
 has arrived, through `Engine.update_weights` (which flushes the prefix cache and sets the
 version), so an interrupted sync leaves its engine unchanged.
@@ -127,15 +128,29 @@ def unpack(bucket: Bucket, data: torch.Tensor) -> list[tuple[str, torch.Tensor]]
 
 
 def check_manifest(engine, manifest: Manifest) -> None:
-    """Raises ValueError unless every tensor of the manifest matches the engine's model
-    (names, shapes, floating dtypes) and every parameter it needs is present. Uses the
-    engine's own validation on meta tensors: nothing is allocated or changed."""
+    """Raises ValueError unless the manifest is well formed (known dtypes, every entry
+    inside its bucket, entries disjoint), its version does not go back from the engine's,
+    and every tensor matches the engine's model (names, shapes, floating dtypes) with every
+    parameter it needs present. Uses the engine's own validation on meta tensors: nothing
+    is allocated or changed."""
+    current = getattr(engine, "policy_version", None)
+    if isinstance(current, int) and manifest.version < current:
+        raise ValueError(f"manifest version {manifest.version} is older than the engine's "
+                         f"policy version {current} (a stale sender?)")
+    for b in manifest.buckets:
+        dtype_of(b.dtype)
+        end = 0
+        for e in sorted(b.entries, key=lambda e: (e.offset, e.numel)):
+            if any(s < 0 for s in e.shape) or e.numel != _numel(e.shape):
+                raise ValueError(f"manifest entry {e.name!r}: {e.numel} elements for shape "
+                                 f"{e.shape}")
+            if e.offset < end or e.offset + e.numel > b.numel:
+                raise ValueError(f"manifest entry {e.name!r}: elements [{e.offset}, "
+                                 f"{e.offset + e.numel}) overlap another entry or leave "
+                                 f"its {b.numel}-element bucket")
+            end = e.offset + e.numel
     named = [(e.name, torch.empty(e.shape, dtype=_DTYPES[d], device="meta"))
              for e, d in manifest.entries()]
-    for e, _ in manifest.entries():
-        if e.numel != _numel(e.shape):
-            raise ValueError(f"manifest entry {e.name!r}: {e.numel} elements for shape "
-                             f"{e.shape}")
     validate_named_tensors(engine.model.slots, named, require_all=True)
 
 

@@ -116,15 +116,19 @@ class WeightReceiver:
 
     def receive(self) -> int:
         """Waits for one sync and applies it; returns the new policy version. On a refused
-        manifest raises ManifestRefused with the engine untouched; on a lost sender raises
+        manifest (one that does not fit the engine, or that this side cannot read or check
+        for any reason) raises ManifestRefused on every rank with the engine untouched; on
+        an apply that fails, ManifestRefused too (the sender never waits out its timeout
+        for a receiver that is still there); on a lost sender raises
         WeightSyncError, also with the engine untouched (buckets apply only at the end)."""
         ch = self.channel
-        manifest = Manifest.from_bytes(_recv_bytes(ch))
+        data = _recv_bytes(ch)
         problem = None
-        try:
+        try:  # any failure here is a refusal the sender hears of, not a hang until timeout
+            manifest = Manifest.from_bytes(data)
             check_manifest(self.engine, manifest)
-        except ValueError as err:
-            problem = str(err)
+        except Exception as err:  # noqa: BLE001 - agreed on, then raised on every rank
+            problem = _reason(err)
         _agree(ch, problem, "manifest")
         named: list[tuple[str, torch.Tensor]] = []
         shared = ch.shared_buffers([b.num_bytes for b in manifest.buckets])
@@ -141,8 +145,8 @@ class WeightReceiver:
         problem = None
         try:
             self.engine.update_weights(named, version=manifest.version)
-        except ValueError as err:  # validated above; kept so a sender never hangs
-            problem = f"applying the weights failed: {err}"
+        except Exception as err:  # noqa: BLE001 - validated above; so a sender never hangs
+            problem = f"applying the weights failed: {_reason(err)}"
         _agree(ch, problem, "apply")
         return manifest.version
 
@@ -172,16 +176,23 @@ def _recv_bytes(ch: Channel) -> bytes:
     return bytes(buf.cpu().numpy().tobytes())
 
 
+def _reason(err: BaseException) -> str:
+    """An exception as a refusal's reason: its type when that says more than the text."""
+    text = str(err)
+    return text if isinstance(err, ValueError) and text else f"{type(err).__name__}: {text}"
+
+
 def _agree(ch: Channel, problem: str | None, phase: str) -> None:
-    """Every rank learns whether any rank had a problem in `phase`; if so the lowest such
-    rank's reason is broadcast and every rank raises ManifestRefused with it."""
-    flag = torch.tensor([ch.world_size - ch.rank if problem else 0], dtype=torch.int64,
+    """Every rank learns whether any rank had a problem in `phase` (None: none; any
+    string, even empty, is one); if so the lowest such rank's reason is broadcast and
+    every rank raises ManifestRefused with it."""
+    flag = torch.tensor([0 if problem is None else ch.world_size - ch.rank], dtype=torch.int64,
                         device=ch.device)
     ch.allreduce_max(flag)
     if not int(flag.item()):
         return
     culprit = ch.world_size - int(flag.item())
-    reason = encode_reason(problem or "", ch.device)
+    reason = encode_reason(problem or "", ch.device)  # "" on the ranks that had none
     ch.broadcast(reason, src=culprit)
     text = f"rollout worker rank {culprit} refused the weights ({phase}): " \
            f"{decode_reason(reason)}"
