@@ -3,8 +3,10 @@ and how many pages fit."""
 
 from __future__ import annotations
 
+import math
 import os
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
@@ -17,8 +19,8 @@ class KVPool:
         self.page_size = page_size
         shape = (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         # zeros: padded gathers read unused pages, which must hold finite values.
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores k, v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset)."""
@@ -40,6 +42,19 @@ class KVPool:
         d = torch.tensor(dst, device=self.k.device)
         self.k[:, d] = self.k[:, s]
         self.v[:, d] = self.v[:, s]
+
+
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on CPU from calloc'd memory (numpy's zeros), whose pages the OS maps,
+    zeroed, on first touch. A pool sized for a share of free memory then costs neither the
+    seconds to clear it (about 1 s per 2 GB here) nor resident memory for pages no request
+    reaches."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
+    start = -raw.data_ptr() % 64  # the 64-byte alignment of torch's own allocator
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def num_pages_that_fit(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,

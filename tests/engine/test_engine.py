@@ -243,3 +243,27 @@ def test_decode_time_splits_into_model_sampler_and_host(qwen2):
     assert s["decode_steps"] == 4  # the first token comes from the prefill's logits
     assert 0 < s["decode_host_seconds"] < s["decode_step_seconds"]
     assert s["decode_step_seconds"] >= s["decode_seconds"]
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="Linux only")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_cpu_pool_sized_for_free_memory_is_resident_only_where_used(qwen2, dtype):
+    """The pool is zeros from calloc'd memory: creating 1 GiB of it neither clears nor
+    maps it (torch.zeros did both: about 1 s per 2 GB here), and it works as zeros."""
+    path, _ = qwen2
+    before = _resident_bytes()
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=(1 << 30) // 512, dtype=dtype)
+    pool = engine.kv
+    assert pool.k.nbytes + pool.v.nbytes >= 1 << 29  # at least 512 MiB in this model
+    assert _resident_bytes() - before < 128 << 20
+    assert pool.k.is_contiguous() and pool.k.data_ptr() % 64 == 0 and pool.v.data_ptr() % 64 == 0
+    assert not pool.k[:, -3:].any() and not pool.v[:, :3].any()
+    want = Engine(path, page_size=PAGE, max_kv_tokens=256, dtype=dtype)
+    params = SamplingParams(n=3, max_tokens=5, temperature=0, ignore_eos=True)
+    assert tokens_of(engine.generate([[5, 6, 7]], params)) == tokens_of(
+        want.generate([[5, 6, 7]], params))
