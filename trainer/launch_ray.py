@@ -27,6 +27,7 @@ import torch
 from trainer.config import TrainConfig
 
 log = logging.getLogger("brorl")
+_ENGINE_SETTINGS = ("page_size",)  # numbers in Engine.stats() that are not counters
 
 
 def train_ray(cfg: TrainConfig, resume: str | None = None) -> dict:
@@ -219,12 +220,14 @@ class RayEngines:
         return torch.stack(self._ray.get([w.probe_logits.remote(ids) for w in self.workers]))
 
     def stats(self) -> dict:
-        """Counters summed over the workers (policy_version: the trainer's)."""
+        """Counters summed over the workers (policy_version: the trainer's; settings such
+        as page_size, and non-numbers: the first worker's)."""
         total: dict = {}
         for s in self._ray.get([w.stats.remote() for w in self.workers]):
             for k, v in s.items():
-                total[k] = total.get(k, 0) + v if isinstance(v, (int, float)) and \
-                    not isinstance(v, bool) else v
+                summed = isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                    k not in _ENGINE_SETTINGS
+                total[k] = total.get(k, 0) + v if summed else total.get(k, v)
         total["policy_version"] = self._version
         return total
 

@@ -98,3 +98,88 @@ def test_generate_keeps_prompt_samples_together_and_in_order(num_prompts, num_wo
     for i, o in enumerate(outs):
         assert len(o.outputs) == 3 + i
         assert {c.token_ids[0] for c in o.outputs} == {i % num_workers}  # one worker
+
+
+class _CountingWorker(_FakeWorker):
+    """A fake worker that also records every generate call's prompts."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.calls: list[list] = []
+        self.generate = types.SimpleNamespace(remote=self._record)
+
+    def _record(self, prompts, params):
+        self.calls.append(list(prompts))
+        return self._generate(prompts, params)
+
+
+def _fake_engines(workers) -> "RayEngines":  # noqa: F821 - imported by the callers
+    from trainer.launch_ray import RayEngines
+
+    eng = RayEngines.__new__(RayEngines)
+    eng._ray = types.SimpleNamespace(get=lambda refs: refs)
+    eng.workers = workers
+    eng._version = 0
+    return eng
+
+
+def test_generate_spreads_random_prompt_counts_whole_balanced_and_loses_none():
+    """Random prompt counts (0-23, most not a multiple of the 1-6 workers) and sample
+    counts: every prompt comes back once, in order, with all its samples from one worker;
+    each worker gets floor or ceil of prompts / workers, in one call, never an empty one;
+    equal prompts are still separate requests."""
+    import random
+
+    from engine import SamplingParams
+
+    rng = random.Random(11)
+    for _ in range(60):
+        num_prompts, num_workers = rng.randint(0, 23), rng.randint(1, 6)
+        workers = [_CountingWorker(k) for k in range(num_workers)]
+        eng = _fake_engines(workers)
+        prompts = [[rng.randint(3, 9)] * rng.randint(1, 3) for _ in range(num_prompts)]
+        ns = [rng.randint(1, 5) for _ in range(num_prompts)]
+        outs = eng.generate(prompts, [SamplingParams(n=n, max_tokens=1) for n in ns])
+        assert [o.request_id for o in outs] == list(range(num_prompts))
+        assert [o.prompt_token_ids for o in outs] == prompts
+        assert [len(o.outputs) for o in outs] == ns
+        owner = [{c.token_ids[0] for c in o.outputs} for o in outs]
+        assert all(len(s) == 1 for s in owner)  # all N samples of a prompt on one worker
+        sent = [len(c) for w in workers for c in w.calls]
+        assert all(sent) and all(len(w.calls) <= 1 for w in workers)
+        counts = [sum(len(c) for c in w.calls) for w in workers]
+        assert sum(counts) == num_prompts
+        assert max(counts, default=0) - min(counts, default=0) <= 1 or num_prompts < num_workers
+
+
+def test_stats_sum_counters_but_not_the_page_size():
+    eng = _fake_engines([types.SimpleNamespace(stats=types.SimpleNamespace(
+        remote=lambda k=k: {"decode_tokens": 10 + k, "page_size": 16, "num_pages": 64,
+                            "cascade_decode": True, "attention_backend": "torch",
+                            "policy_version": 9})) for k in range(3)])
+    eng._version = 4
+    s = eng.stats()
+    assert s["decode_tokens"] == 33 and s["num_pages"] == 192  # totals over the workers
+    assert s["page_size"] == 16 and s["cascade_decode"] is True  # per-engine settings
+    assert s["attention_backend"] == "torch" and s["policy_version"] == 4
+
+
+def test_a_failed_sync_keeps_the_version_and_asks_every_worker():
+    from trainer.weight_sync import WeightSyncError
+
+    asked = []
+    workers = [types.SimpleNamespace(receive=types.SimpleNamespace(
+        remote=lambda k=k: asked.append(k))) for k in range(2)]
+    eng = _fake_engines(workers)
+    eng._version = 3
+
+    def lost(named, version):
+        raise WeightSyncError("rollout worker rank 2 is gone")
+
+    eng.sender = types.SimpleNamespace(send=lost)
+    with pytest.raises(WeightSyncError, match="gone"):
+        eng.update_weights([], version=4)
+    assert eng.policy_version == 3 and asked == [0, 1]
+    eng.sender = types.SimpleNamespace(send=lambda named, version: {"bytes": 0})
+    eng.update_weights([])
+    assert eng.policy_version == 4 and eng.last_sync == {"bytes": 0}
