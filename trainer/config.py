@@ -118,6 +118,10 @@ class RolloutConfig:
         _positive(self, "n", "prompts_per_step", "max_tokens", "page_size",
                   "weight_sync_bucket_mb", "weight_sync_timeout_s")
         _choice(self, "weight_sync_transport", ("auto", "inprocess", "gloo", "nccl"))
+        if self.n < 2:
+            raise ValueError(f"rollout.n must be >= 2, got {self.n}: every advantage "
+                             "estimator here is relative to the prompt's group of samples, "
+                             "and a group of one has advantage 0")
         if self.max_prompts_per_step < self.prompts_per_step:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:
