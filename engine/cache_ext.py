@@ -6,11 +6,15 @@ Which one runs: `BRORL_CACHE_IMPL=python|cpp` forces one (cpp without the built 
 is an error); unset or `auto` takes the C++ one when the extension is built. The Python
 classes stay the reference the C++ ones are tested against (tests/csrc/test_cache_ext.py).
 
-Differences, all on caller errors the Python classes only `assert`: the C++ ones raise
-ValueError for incref/decref of a free page, unlock without a lock, a stale node handle
-and a negative count; IndexError for a page outside the pool; TypeError for a token or page
-that is not an int; and they change nothing when they raise (Python's decref has already
-dropped the references before the bad page).
+Differences, all on caller errors the Python classes only `assert` or let through: the
+C++ ones raise ValueError for incref/decref of a free page, unlock without a lock, a stale
+node handle, a negative count, and an insert that would adopt a page already cached (under
+any key) or listed twice (Python caches it twice and only check_integrity notices); an
+evict or flush that meets a page whose cache reference the caller dropped raises
+ValueError and leaves that node (flush: the whole tree) as it was; IndexError for a page
+outside the pool; TypeError for a token or page that is not an int. They change nothing
+when they raise (Python's decref has already dropped the references before the bad
+page), except that a refused insert has done its match_prefix (LRU times, a split).
 """
 
 from __future__ import annotations

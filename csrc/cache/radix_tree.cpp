@@ -13,6 +13,7 @@ RadixTree::RadixTree(int64_t page_size, std::shared_ptr<PageAllocator> allocator
     throw std::invalid_argument("page_size must be >= 1, got " + std::to_string(page_size));
   }
   if (!allocator_) throw std::invalid_argument("the radix cache needs a page allocator");
+  cached_.assign(static_cast<size_t>(allocator_->num_pages()), 0);
   auto root = std::make_unique<RadixNode>();
   root->id = 0;
   root->lock_ref = 1;  // never evicted
@@ -157,6 +158,18 @@ std::pair<std::vector<int32_t>, uint64_t> RadixTree::insert(const std::vector<in
   auto [cached, node_id] = match_prefix(ids);
   const size_t i = cached.size();
   if (i == pages.size()) return {std::move(cached), node_id};
+  // The pages to adopt must not be cached already (one page holds one prefix's KV) nor be
+  // listed twice; checked with the cached-page map before anything changes (match_prefix
+  // may have split a node and refreshed LRU times, which changes no cached set).
+  for (size_t k = i; k < pages.size(); ++k) {
+    char& c = cached_[static_cast<size_t>(pages[k])];
+    if (c != 0) {
+      for (size_t u = i; u < k; ++u) cached_[static_cast<size_t>(pages[u])] = 0;
+      throw std::invalid_argument("insert of page " + std::to_string(pages[k]) +
+                                  ", which is cached already or listed twice");
+    }
+    c = 1;
+  }
   RadixNode* parent = get(node_id);
   std::vector<int32_t> fresh(pages.begin() + i, pages.end());
   RadixNode* n = new_node(parent, std::vector<int64_t>(ids.begin() + i * ps, ids.end()), fresh);
@@ -207,13 +220,17 @@ int64_t RadixTree::evict(int64_t num_pages) {
   int64_t freed = 0;
   while (!leaves.empty() && freed < num_pages) {
     RadixNode* node = std::get<2>(leaves.top());
+    // decref first: it is all-or-nothing, so if a caller dropped the cache's own
+    // reference to one of these pages (it throws), the node stays linked and intact
+    // instead of lingering unlinked with a parent pointer that a later eviction frees.
+    freed += allocator_->decref(std::vector<int64_t>(node->pages.begin(), node->pages.end()));
     leaves.pop();
     RadixNode* parent = node->parent;
     remove_child(parent, node);
     const auto n_pages = static_cast<int64_t>(node->pages.size());
     num_cached_ -= n_pages;
     num_evictable_ -= n_pages;
-    freed += allocator_->decref(std::vector<int64_t>(node->pages.begin(), node->pages.end()));
+    for (int32_t p : node->pages) cached_[p] = 0;
     nodes_.erase(node->id);
     if (parent != root_ && parent->children.empty() && parent->lock_ref == 0) {
       leaves.emplace(parent->last_access, parent->id, parent);
@@ -226,9 +243,13 @@ void RadixTree::flush() {
   if (total_handles_ > 0) {
     throw std::runtime_error("cannot flush the prefix cache while requests hold locks");
   }
-  for (const RadixNode* n : nodes()) {
-    allocator_->decref(std::vector<int64_t>(n->pages.begin(), n->pages.end()));
-  }
+  // One all-or-nothing decref of every cached page: if one was already free (a caller
+  // dropped the cache's reference), nothing changes and the error propagates.
+  std::vector<int64_t> all;
+  all.reserve(static_cast<size_t>(num_cached_));
+  for (const RadixNode* n : nodes()) all.insert(all.end(), n->pages.begin(), n->pages.end());
+  allocator_->decref(all);
+  std::fill(cached_.begin(), cached_.end(), 0);
   root_->children.clear();
   root_->index.clear();
   for (auto it = nodes_.begin(); it != nodes_.end();) {
@@ -277,6 +298,7 @@ std::string RadixTree::check_node(const RadixNode* node, std::vector<char>& seen
       return "cached page " + std::to_string(p) + " is not in the pool";
     }
     if (seen[p]) return "page " + std::to_string(p) + " cached twice";
+    if (!cached_[p]) return "page " + std::to_string(p) + " missing from the cached-page map";
     if (allocator_->refcounts()[p] < 1) return "cached page " + std::to_string(p) + " is free";
     seen[p] = 1;
   }
@@ -304,6 +326,9 @@ std::string RadixTree::check_integrity() const {
     return "bad lock_ref at the root";
   }
   if (handles != total_handles_) return "lock handle count out of sync";
+  if (std::count(cached_.begin(), cached_.end(), 1) != num_cached_) {
+    return "the cached-page map holds pages no node holds";
+  }
   if (cached != num_cached_) return "num_cached_pages out of sync";
   if (evictable != num_evictable_) return "num_evictable_pages out of sync";
   return "";

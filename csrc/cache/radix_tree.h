@@ -42,10 +42,14 @@ class RadixTree {
   // Longest cached whole-page prefix: its pages and the id of the node where it ends.
   std::pair<std::vector<int32_t>, uint64_t> match_prefix(const std::vector<int64_t>& ids);
   // Caches ids (len == pages * page_size); returns canonical pages and the deepest node.
+  // std::invalid_argument (nothing cached) when a page is free, or when a page it would
+  // adopt is cached already or listed twice.
   std::pair<std::vector<int32_t>, uint64_t> insert(const std::vector<int64_t>& ids,
                                                    const std::vector<int64_t>& pages);
   void lock(uint64_t id);
   void unlock(uint64_t id);
+  // Both leave the tree as it was for a node whose pages the allocator refuses to decref
+  // (a caller dropped the cache's own reference): evict stops there, flush changes nothing.
   int64_t evict(int64_t num_pages);
   void flush();
 
@@ -78,6 +82,7 @@ class RadixTree {
   int64_t total_handles_ = 0;
   int64_t num_cached_ = 0;
   int64_t num_evictable_ = 0;
+  std::vector<char> cached_;  // page -> 1 while a node holds it
 };
 
 }  // namespace brorl
