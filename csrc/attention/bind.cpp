@@ -37,6 +37,14 @@ void check_array(const py::array& a, const char* name, py::ssize_t ndim, char ki
   if (a.ndim() != ndim)
     bad(std::string(name) + " must have " + std::to_string(ndim) + " dims, got shape " +
         shape_of(a));
+  // The kernels read native-endian, naturally aligned elements (e.g. a '>f4' array would
+  // be read as garbage, and an unaligned one is undefined behaviour for the vector loads).
+  const char order = a.dtype().byteorder();
+  if (order != '=' && order != '|' && a.dtype().itemsize() > 1)
+    bad(std::string(name) + " must be in native byte order, got dtype " +
+        std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    bad(std::string(name) + " must be aligned to its element size");
   if (!(a.flags() & py::array::c_style)) bad(std::string(name) + " must be C-contiguous");
 }
 
