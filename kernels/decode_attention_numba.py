@@ -52,21 +52,58 @@ def _paged_decode_kernel(q, kc, vc, pt, lens, scale, out, lse):
                     out[b, h, d] += p * vc[page, off, g, d]
 
 
-def paged_decode_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       page_table: torch.Tensor, seq_lens: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out float32 [B, H, D], lse float32 [B, H]) as `paged_decode_ref` returns."""
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """Everything the kernel trusts (it has no bounds checks: a page id or a length out of
+    range would read outside the arrays): one vectorised min/max per index tensor."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"numba decode attention needs float32 CPU tensors, {name} is "
                              f"{t.dtype} on {t.device}")
-    if q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"{q.shape[1]} query heads do not group over {k_cache.shape[2]} "
-                         f"KV heads")
+    for name, t in (("page_table", page_table), ("seq_lens", seq_lens)):
+        if (t.device.type != "cpu" or t.is_floating_point() or t.is_complex()
+                or t.dtype == torch.bool):
+            raise ValueError(f"{name} must be an integer CPU tensor, got {t.dtype} on "
+                             f"{t.device}")
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"need q [B, H, D] and k_cache, v_cache [pages, page_size, kv_heads, "
+                         f"D], got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(v_cache.shape)}")
+    B, H, D = q.shape
+    num_pages, ps, hkv, dk = k_cache.shape
+    if dk != D or ps < 1 or hkv < 1:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)}")
+    if H % hkv:
+        raise ValueError(f"{H} query heads do not group over {hkv} KV heads")
+    if page_table.dim() != 2 or page_table.shape[0] != B or seq_lens.shape != (B,):
+        raise ValueError(f"need page_table [{B}, P] and seq_lens [{B}], got "
+                         f"{tuple(page_table.shape)} and {tuple(seq_lens.shape)}")
+    if page_table.numel():
+        lo, hi = torch.aminmax(page_table)
+        if lo < 0 or hi >= num_pages:
+            raise IndexError(f"page_table holds ids in [{int(lo)}, {int(hi)}], outside "
+                             f"[0, {num_pages})")
+    if B:
+        lo, hi = torch.aminmax(seq_lens)
+        if lo < 0 or hi > page_table.shape[1] * ps:
+            raise ValueError(f"seq_lens in [{int(lo)}, {int(hi)}] outside [0, pages * "
+                             f"page_size = {page_table.shape[1] * ps}]")
+
+
+def paged_decode_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       page_table: torch.Tensor, seq_lens: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out float32 [B, H, D], lse float32 [B, H]) as `paged_decode_ref` returns.
+    Raises ValueError on bad dtypes, devices, shapes and lengths, IndexError on page ids
+    outside the pool."""
+    _check_inputs(q, k_cache, v_cache, page_table, seq_lens)
     B, H, D = q.shape
     out = np.empty((B, H, D), dtype=np.float32)
     lse = np.empty((B, H), dtype=np.float32)
-    _paged_decode_kernel(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                         page_table.contiguous().numpy(), seq_lens.contiguous().numpy(),
+    # int64 index arrays: one compiled signature whatever integer type the caller used
+    _paged_decode_kernel(q.detach().contiguous().numpy(), k_cache.detach().numpy(),
+                         v_cache.detach().numpy(),
+                         page_table.to(torch.int64).contiguous().numpy(),
+                         seq_lens.to(torch.int64).contiguous().numpy(),
                          np.float32(scale), out, lse)
     return torch.from_numpy(out), torch.from_numpy(lse)

@@ -92,11 +92,18 @@ def _sample_kernel(x, temperature, thr, u, out_tok, out_lse, out_lp):
             allowed += a
         lse = m64 + math.log(total)
         tok = -1
-        if greedy:
+        if greedy:  # the first NaN if there is one (as torch.argmax), else the first max
             for i in range(V):
-                if z[i] == m:
+                if z[i] != z[i]:
                     tok = i
                     break
+            if tok < 0:
+                for i in range(V):
+                    if z[i] == m:
+                        tok = i
+                        break
+            if tok < 0:
+                tok = 0
         else:
             target = u[b] * allowed
             c = 0.0
@@ -135,7 +142,14 @@ def sample_numba(x: torch.Tensor, temperature: torch.Tensor, thr: torch.Tensor |
     equal to the reference's."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"numba sampler needs float32 CPU logits, got {x.dtype} on {x.device}")
+    # the kernel has no bounds checks: every per-row input must have B entries
+    if x.dim() != 2 or x.shape[1] == 0:
+        raise ValueError(f"logits must be [B, V] with V >= 1, got {tuple(x.shape)}")
     B = x.shape[0]
+    keys = np.asarray(keys)
+    for name, t in (("temperature", temperature), ("thr", thr), ("keys", keys)):
+        if t is not None and tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must have shape ({B},), got {tuple(t.shape)}")
     tok = np.empty(B, dtype=np.int64)
     lse = np.empty(B, dtype=np.float64)
     lp = np.empty(B, dtype=np.float32)
