@@ -52,3 +52,41 @@ def test_numba_paged_decode_rejects_half_precision():
     k = torch.randn(2, 4, 2, D, dtype=torch.float16)
     with pytest.raises(ValueError, match="float32"):
         paged_decode_numba(q, k, k, torch.zeros(1, 1, dtype=torch.long), torch.tensor([1]), 1.0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_numba_paged_decode_fuzz_matches_reference(seed):
+    """Random ragged tables (padding entries any valid page), page sizes 1..16, GQA ratios
+    1/2/4/7, head dims 8..128, N = 1, empty rows, int32 tables and a non-contiguous q."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    ps, hkv, ratio = rng.choice([1, 3, 16]), rng.choice([1, 2]), rng.choice([1, 2, 4, 7])
+    d, batch = rng.choice([8, 24, 64, 128]), rng.choice([1, 2, 9])
+    num_pages = rng.randrange(4, 40)
+    k = torch.randn(num_pages, ps, hkv, d, generator=g)
+    v = torch.randn(num_pages, ps, hkv, d, generator=g)
+    lens = torch.tensor([rng.choice([0, 1, ps, rng.randrange(60)]) for _ in range(batch)])
+    width = max(1, -(-int(lens.max()) // ps)) + rng.randrange(2)
+    table = torch.randint(0, num_pages, (batch, width), generator=g)
+    q = torch.randn(hkv * ratio, batch, d, generator=g).transpose(0, 1)
+    want, want_lse = paged_decode_ref(q, k, v, table, lens, 0.3)
+    got, got_lse = paged_decode_numba(q, k, v, table.int(), lens.int(), 0.3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(torch.isinf(got_lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(got_lse[fin], want_lse[fin], atol=1e-5, rtol=1e-4)
+
+
+def test_numba_paged_decode_rejects_out_of_range_pages_and_lengths():
+    """These used to read outside the arrays (segfaults or garbage): the kernel has no
+    bounds checks, so the launcher checks (subprocess variants: tests/csrc/test_fuzz_ext)."""
+    q, k = torch.randn(2, 4, 8), torch.randn(10, 4, 2, 8)
+    table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 8])
+    with pytest.raises(IndexError, match="page_table"):
+        paged_decode_numba(q, k, k, torch.tensor([[0, 10], [2, 3]]), lens, 1.0)
+    with pytest.raises(ValueError, match="seq_lens"):
+        paged_decode_numba(q, k, k, table, torch.tensor([5, 9]), 1.0)
+    with pytest.raises(ValueError, match="page_table"):
+        paged_decode_numba(q, k, k, table[:1], lens, 1.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        paged_decode_numba(torch.randn(2, 4, 16), k, k, table, lens, 1.0)
