@@ -100,6 +100,59 @@ def test_micro_batches_give_every_rank_the_same_count():
         DataParallel(2, 2)
 
 
+def test_random_splits_give_every_item_to_one_rank_in_equal_micro_batch_counts():
+    """Against the plain definition, for random item counts, world sizes and micro-batch
+    sizes: the ranks' micro-batches hold every item exactly once, each rank's in order and
+    its own share (`share`), at most `size` each, the same number on every rank, and no
+    more than rank 0's share needs."""
+    import random
+
+    from trainer.parallel import DataParallel
+
+    rng = random.Random(4)
+    for _ in range(300):
+        n, world, size = rng.randint(0, 40), rng.randint(1, 5), rng.randint(1, 6)
+        items = [f"s{i}" for i in range(n)]
+        ranks = [DataParallel(r, world) for r in range(world)]
+        parts = [micro_batches(items, size, dp) for dp in ranks]
+        assert sorted(x for p in parts for mb in p for x in mb) == sorted(items)
+        for dp, p in zip(ranks, parts):
+            assert [x for mb in p for x in mb] == dp.share(items) == items[dp.rank::world]
+            assert all(len(mb) <= size for mb in p)
+        assert len({len(p) for p in parts}) == 1
+        assert len(parts[0]) == -(-len(ranks[0].share(items)) // size)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+def test_loss_summed_over_ranks_micro_batches_is_the_mini_batch_loss(mode):
+    """How the update normalises across ranks (every micro-batch divides by the whole
+    mini-batch's token or sample count, FSDP2 sums): for random ragged masks and merged
+    rows of random counts, the sum over every rank's micro-batch losses equals the loss
+    of the mini-batch in one piece, whatever the world size."""
+    from trainer.algorithms import aggregate_loss
+    from trainer.parallel import DataParallel
+
+    gen = torch.Generator().manual_seed(2)
+    for trial in range(20):
+        rows, length = 2 + trial % 7, 9
+        loss = torch.randn(rows, length, generator=gen, dtype=torch.float64)
+        lengths = torch.randint(1, length + 1, (rows,), generator=gen)
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).double()
+        counts = torch.randint(1, 4, (rows,), generator=gen).double()  # merged samples
+        weight = mask * counts[:, None]
+        num_tokens, num_seqs = float(weight.sum()), int(counts.sum())
+        whole = aggregate_loss(loss, weight, mode, num_tokens, num_seqs)
+        assert torch.allclose(whole, aggregate_loss(loss, weight, mode))  # the definition
+        for world in (1, 2, 3, 5):
+            total = torch.zeros((), dtype=torch.float64)
+            for r in range(world):
+                for mb in micro_batches(list(range(rows)), 2, DataParallel(r, world)):
+                    if mb:
+                        total += aggregate_loss(loss[mb], weight[mb], mode, num_tokens,
+                                                num_seqs)
+            torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
+
+
 def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
     from trainer.policy import load_policy
     from trainer.weight_sync.channel import free_port

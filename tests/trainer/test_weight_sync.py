@@ -296,6 +296,32 @@ def test_probe_warns_when_engine_runs_other_weights(qwen2, trainer_model, caplog
     assert "weight sync probe" in caplog.text
 
 
+def test_probe_diff_is_the_max_abs_difference_over_every_engine_position_and_token(caplog):
+    """Against a plain loop: W engines' [T, vocab] logits, one entry of the last engine
+    off by 0.25; the warning comes past the threshold only (equal is fine), and a NaN
+    anywhere is reported as NaN with a warning."""
+    import math
+
+    gen = torch.Generator().manual_seed(3)
+    trainer_side = torch.randn(5, 11, generator=gen)
+    engines = trainer_side + 1e-6 * torch.randn(3, 5, 11, generator=gen)
+    engines[2, 4, 7] = trainer_side[4, 7] - 0.25
+    want = max(abs(float(engines[w, t, v] - trainer_side[t, v]))
+               for w in range(3) for t in range(5) for v in range(11))
+    for threshold, warns in ((0.3, False), (want, False), (0.1, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="brorl"):
+            assert probe_diff(engines, trainer_side, threshold) == pytest.approx(want)
+        assert ("weight sync probe" in caplog.text) == warns, threshold
+    assert probe_diff(engines[0], trainer_side, 1.0) < 1e-5  # one engine: [T, vocab]
+    engines[1, 0, 0] = float("nan")
+    with caplog.at_level("WARNING", logger="brorl"):
+        assert math.isnan(probe_diff(engines, trainer_side, 1.0))
+    assert "differ by nan" in caplog.text
+    with pytest.raises(ValueError, match="shapes differ"):
+        probe_diff(engines[:, :4], trainer_side, 1.0)
+
+
 @pytest.mark.gpu
 def test_nccl_channel_world_size_one_sends_through_the_protocol(qwen2):
     pytest.importorskip("cupy")
