@@ -69,14 +69,16 @@ def test_check_manifest_names_the_bad_tensor(qwen2):
 
 
 # -- two processes ---------------------------------------------------------------------
-def _receiver(path, port, mode, queue, shm_dir):
+def _receiver(path, port, mode, queue, shm_dir, joining):
     """A rollout worker: one engine, receives syncs; reports what it saw on `queue`.
-    shm_dir None: no shared memory; else the directory it looks for the sender's in."""
+    shm_dir None: no shared memory; else the directory it looks for the sender's in.
+    Sets `joining` once its imports and engine are done, just before it joins."""
     torch.set_num_threads(1)
     from engine import Engine, SamplingParams
 
     engine = Engine(path, page_size=4, max_kv_tokens=1024)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    joining.set()
     rx = make_receiver("gloo", engine, host="127.0.0.1", port=port, rank=1, world_size=2,
                        timeout_s=TIMEOUT_S, shared_memory=shm_dir is not None,
                        shm_dir=shm_dir)
@@ -106,16 +108,22 @@ def _receiver(path, port, mode, queue, shm_dir):
         report["first_version"] = rx.receive()
     report["version"] = rx.receive()
     report["after"] = engine.generate([PROMPT], greedy)[0].outputs[0].token_ids
-    report["logits"] = engine_logits(engine, PROMPT)
+    # numpy, not a tensor: torch's queue would pass a tensor as a file descriptor that the
+    # parent fetches from this process, which may have exited by then (ConnectionReset)
+    report["logits"] = engine_logits(engine, PROMPT).numpy()
     queue.put(report)
     rx.close()
 
 
 def _start(path, mode, shm_dir):
+    """The receiver process, once it is about to join: the sender's join timeout (8 s in
+    the kill test) then never counts the spawn and imports of a loaded machine."""
     ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    proc = ctx.Process(target=_receiver, args=(path, port, mode, queue, shm_dir), daemon=True)
+    queue, port, joining = ctx.Queue(), free_port(), ctx.Event()
+    proc = ctx.Process(target=_receiver, args=(path, port, mode, queue, shm_dir, joining),
+                       daemon=True)
     proc.start()
+    assert joining.wait(120), "the receiver process did not start"
     return proc, queue, port
 
 
@@ -153,7 +161,8 @@ def test_gloo_sync_makes_engine_generate_like_transformers(qwen2, trainer_model,
     old, _ = hf_greedy(qwen2[1], PROMPT, MAX_NEW)
     assert report["before"] == old and expected != old  # the test can tell them apart
     assert report["after"] == expected
-    assert probe_diff(report["logits"], trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
+    engine_side = torch.from_numpy(report["logits"])
+    assert probe_diff(engine_side, trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
 
 
 def test_bad_manifest_is_refused_and_leaves_engine_unchanged(qwen2, trainer_model, shm_dir):
@@ -239,7 +248,8 @@ def test_shared_segment_grows_when_a_sync_needs_more_room(qwen2, trainer_model, 
     assert os.listdir(tmp_path) == []
     assert (report["first_version"], report["version"]) == (1, 2)
     assert report["after"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
-    assert probe_diff(report["logits"], trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
+    engine_side = torch.from_numpy(report["logits"])
+    assert probe_diff(engine_side, trainer_logits(trainer_model, PROMPT), 1e-5) < 1e-5
 
 
 def test_shared_segment_views_are_aligned_and_disjoint(tmp_path):
