@@ -473,3 +473,31 @@ def test_loop_checkpoints_the_trainer_state_when_a_receiver_dies_mid_sync(
     reloaded = load_policy(str(ckpt))
     for n, p in reloaded.named_parameters():
         assert torch.equal(p, trained[n]), n
+
+
+def test_inprocess_sender_refuses_what_a_receiver_refuses_and_changes_nothing(qwen2):
+    """The embedded transport checks like the others: a partial state (which
+    Engine.update_weights alone would apply), an integer tensor or an older version is
+    refused with the engine exactly as it was; a whole state applies and flushes."""
+    from engine import Engine, SamplingParams
+    from trainer.weight_sync import make_sender
+
+    path, hf = qwen2
+    engine = Engine(path, page_size=4, max_kv_tokens=256)
+    engine.generate([list(range(3, 23))], SamplingParams(temperature=0, max_tokens=4))
+    engine.policy_version = 2
+    before = _engine_state(engine)
+    named = [(n, p.detach() + 1) for n, p in hf.named_parameters()]
+    tx = make_sender("inprocess", engine)
+    for bad, version, match in (
+            (named[:-1], 3, "missing parameters"),
+            ([(n, t.long()) if n == "model.norm.weight" else (n, t) for n, t in named], 3,
+             "model.norm.weight.*int64"),
+            (named, 1, "version 1 is older")):
+        with pytest.raises(ManifestRefused, match=match):
+            tx.send(bad, version=version)
+        _assert_same_state(before, engine, match)
+    assert tx.send(named, version=3)["bytes"] == sum(t.numel() * 4 for _, t in named)
+    assert engine.stats()["policy_version"] == 3 and engine.stats()["cached_pages"] == 0
+    slot = engine.model.slots["model.norm.weight"]
+    assert torch.equal(engine.model.params[slot.name], dict(named)["model.norm.weight"])

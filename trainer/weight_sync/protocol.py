@@ -5,10 +5,11 @@ shape and dtype, the bucket layout and the policy version) as JSON bytes; every 
 checks the whole manifest (its layout, that its version does not go back, every tensor
 against its engine's model; a manifest it cannot even read is refused too) and the group
 agrees on the verdict (one MAX all-reduce of a status flag; a refusal's reason is
-broadcast by the lowest refusing rank); then the buckets follow, each a contiguous byte buffer holding tensors of one dtype
-packed back to back (never pickled). A receiver applies the tensors only after every bucket
-has arrived, through `Engine.update_weights` (which flushes the prefix cache and sets the
-version), so an interrupted sync leaves its engine unchanged.
+broadcast by the lowest refusing rank); then the buckets follow, each a contiguous byte
+buffer holding tensors of one dtype packed back to back (never pickled). A receiver
+applies the tensors only after every bucket has arrived, through `Engine.update_weights`
+(which flushes the prefix cache and sets the version), so an interrupted sync leaves its
+engine unchanged.
 """
 
 from __future__ import annotations

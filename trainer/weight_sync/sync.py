@@ -32,15 +32,24 @@ class ManifestRefused(WeightSyncError, ValueError):
 
 
 class InProcessSender:
-    """Today's direct path: `Engine.update_weights` in the same process."""
+    """Today's direct path: `Engine.update_weights` in the same process, after the same
+    check a receiver makes of a manifest (so a partial state is refused here too, where
+    `Engine.update_weights` alone would apply it)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
 
     def send(self, named, version: int) -> dict:
-        """Applies the tensors to the engine (validated first); returns sync statistics."""
+        """Checks the tensors as a manifest (ManifestRefused, nothing changed), applies them
+        to the engine; returns sync statistics."""
         start = time.perf_counter()
         items = named_list(named)
+        try:
+            check_manifest(self.engine, plan_buckets(
+                [(n, torch.empty(t.shape, dtype=t.dtype, device="meta")) for n, t in items],
+                1 << 62, version))
+        except (TypeError, ValueError) as err:
+            raise ManifestRefused(f"the engine refused the weights (manifest): {err}") from err
         self.engine.update_weights(items, version=version)
         return {"bytes": sum(t.numel() * t.element_size() for _, t in items),
                 "seconds": time.perf_counter() - start}
