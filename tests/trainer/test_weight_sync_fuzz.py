@@ -226,6 +226,30 @@ def test_random_parameter_sets_sync_bit_exactly_over_gloo(mode, tmp_path):
                 assert _bytes(engine.applied[name]) == _bytes(cast), (seed, name)
 
 
+def test_a_refusal_by_two_of_four_receivers_names_the_lowest_on_every_rank():
+    """Rank 3 lacks a tensor, rank 4 has another shape, ranks 1-2 fit: the group refuses,
+    every rank raises naming the lowest refusing rank (3) and its reason, the fitting
+    engines are left as they were."""
+    named = [("a", torch.randn(4, 3)), ("b", torch.randn(5))]
+    spec = [(n, tuple(t.shape)) for n, t in named]
+    engines = [FakeEngine(spec), FakeEngine(spec), FakeEngine(spec[:1] + [("c", (2,))]),
+               FakeEngine([("a", (4, 3)), ("b", (6,))])]
+    channels = _group(5, None)
+    results = [[] for _ in engines]
+    threads = [_serve(WeightReceiver(channels[k + 1], e), 1, results[k])
+               for k, e in enumerate(engines)]
+    with pytest.raises(ManifestRefused, match="rank 3 refused.*unknown parameter name 'b'"):
+        WeightSender(channels[0]).send(named, version=1)
+    for t in threads:
+        t.join(JOIN_S)
+    for r in results:
+        assert len(r) == 1 and isinstance(r[0], ManifestRefused)
+        assert "rank 3 refused" in str(r[0]) and "'b'" in str(r[0])
+    assert all(e.applied == {} and e.policy_version == 0 for e in engines[:2])
+    for c in channels:
+        c.close()
+
+
 def _raw_send(channel, manifest_bytes: bytes) -> None:
     """What a sender of another version (or a broken one) does: a manifest, then waits
     for the verdict."""
