@@ -190,6 +190,20 @@ def test_check_manifest_refuses_a_layout_that_is_not_the_senders():
             check_manifest(engine, Manifest.from_bytes(json.dumps(bad).encode()))
 
 
+def test_error_messages_name_the_peers_of_each_rank():
+    import types
+
+    from trainer.weight_sync.channel import Channel
+
+    def peers(rank, world_size):
+        return Channel.peers(types.SimpleNamespace(rank=rank, world_size=world_size))
+
+    assert peers(0, 3) == "rollout worker rank(s) 1, 2"
+    assert peers(1, 2) == "trainer rank 0"  # was "trainer rank 0 " (a trailing blank)
+    assert peers(2, 4) == "trainer rank 0, rollout worker rank(s) 1, 3"  # was "rank 0 1, 3"
+    assert peers(0, 1) == ""
+
+
 # -- over gloo, ranks as threads ---------------------------------------------------------
 @pytest.mark.parametrize("mode", ["shm", "tcp"])
 def test_random_parameter_sets_sync_bit_exactly_over_gloo(mode, tmp_path):

@@ -72,9 +72,11 @@ class Channel(ABC):
         """Releases the group's resources."""
 
     def peers(self) -> str:
-        others = [r for r in range(self.world_size) if r != self.rank]
-        who = "trainer rank 0" if self.rank else "rollout worker rank(s)"
-        return f"{who} {', '.join(map(str, [r for r in others if r or not self.rank]))}"
+        """The other ranks, for error messages: "trainer rank 0" and/or "rollout worker
+        rank(s) 1, 2"."""
+        workers = ", ".join(str(r) for r in range(1, self.world_size) if r != self.rank)
+        parts = ["trainer rank 0"] if self.rank else []
+        return ", ".join(parts + ([f"rollout worker rank(s) {workers}"] if workers else []))
 
     def _fail(self, what: str, start: float, err: BaseException) -> WeightSyncError:
         return WeightSyncError(
