@@ -539,3 +539,50 @@ def test_inprocess_sender_refuses_what_a_receiver_refuses_and_changes_nothing(qw
     assert engine.stats()["policy_version"] == 3 and engine.stats()["cached_pages"] == 0
     slot = engine.model.slots["model.norm.weight"]
     assert torch.equal(engine.model.params[slot.name], dict(named)["model.norm.weight"])
+
+
+def _sender_process(port, shm_dir, die_at, joining):
+    """A trainer that SIGKILLs itself at its `die_at`-th broadcast (3: the shared-memory
+    header, 4+: the per-bucket notices)."""
+    torch.set_num_threads(1)
+    joining.set()
+    channel = GlooChannel("127.0.0.1", port, 0, 2, 60.0, shared_memory=True, shm_dir=shm_dir)
+    broadcast, count = channel.broadcast, [0]
+
+    def counted(t, src):
+        count[0] += 1
+        if count[0] == die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        broadcast(t, src)
+
+    channel.broadcast = counted
+    gen = torch.Generator().manual_seed(1)
+    WeightSender(channel, bucket_bytes=300_000).send(
+        [(n, torch.randn(s, generator=gen)) for n, s in SPEC], version=1)
+
+
+def test_sender_killed_mid_sync_leaves_the_receivers_engine_unchanged(tmp_path):
+    """The trainer dies after two buckets reached the shared segment: the worker raises a
+    WeightSyncError naming the trainer, its engine never saw an update_weights, and the
+    segment's name is gone (it was unlinked once mapped)."""
+    ctx = mp.get_context("spawn")
+    port, joining = free_port(), ctx.Event()
+    proc = ctx.Process(target=_sender_process, args=(port, str(tmp_path), 6, joining),
+                       daemon=True)
+    proc.start()
+    assert joining.wait(JOIN_S)
+    engine = FakeEngine(SPEC)
+    calls = []
+    engine.update_weights = lambda named, version=None: calls.append(version)
+    rx = WeightReceiver(GlooChannel("127.0.0.1", port, 1, 2, 20.0, shared_memory=True,
+                                    shm_dir=str(tmp_path)), engine)
+    try:
+        with pytest.raises(WeightSyncError, match="rank 1 of 2.*with trainer rank 0 failed"):
+            rx.receive()
+        assert rx.channel._segment is not None  # it got as far as the shared buckets
+    finally:
+        _reap(proc)
+        rx.close()
+    assert calls == [] and engine.policy_version == 0
+    assert _segments(tmp_path) == []
+    assert proc.exitcode == -signal.SIGKILL
