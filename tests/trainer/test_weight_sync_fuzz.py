@@ -204,6 +204,20 @@ def test_error_messages_name_the_peers_of_each_rank():
     assert peers(0, 1) == ""
 
 
+def test_a_segment_that_cannot_be_sized_or_mapped_leaves_no_file(tmp_path, monkeypatch):
+    from trainer.weight_sync import shm
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    for target in ("os.ftruncate", "torch.from_file"):
+        with monkeypatch.context() as m:
+            m.setattr(target, no_room)
+            with pytest.raises(OSError, match="No space"):
+                shm.Segment.create(str(tmp_path), "t", 1, 4096)
+        assert os.listdir(tmp_path) == [], target
+
+
 # -- over gloo, ranks as threads ---------------------------------------------------------
 @pytest.mark.parametrize("mode", ["shm", "tcp"])
 def test_random_parameter_sets_sync_bit_exactly_over_gloo(mode, tmp_path):

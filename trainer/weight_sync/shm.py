@@ -55,12 +55,12 @@ class Segment:
         path = cls.name(directory, token, generation)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, capacity)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                os.ftruncate(fd, capacity)
+            finally:
+                os.close(fd)
             data = torch.from_file(path, shared=True, size=capacity, dtype=torch.uint8)
-        except BaseException:
+        except BaseException:  # the name must not outlive a failed create either
             os.unlink(path)
             raise
         return cls(path, capacity, generation, data)
