@@ -210,12 +210,44 @@ def test_a_segment_that_cannot_be_sized_or_mapped_leaves_no_file(tmp_path, monke
     def no_room(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    for target in ("os.ftruncate", "torch.from_file"):
+    for target in ("os.posix_fallocate", "torch.from_file"):
         with monkeypatch.context() as m:
             m.setattr(target, no_room)
             with pytest.raises(OSError, match="No space"):
                 shm.Segment.create(str(tmp_path), "t", 1, 4096)
         assert os.listdir(tmp_path) == [], target
+
+
+def test_a_full_shm_directory_is_a_fallback_to_tcp_not_a_sigbus(tmp_path, monkeypatch,
+                                                              caplog):
+    """The segment's memory is reserved when it is made (posix_fallocate), so a directory
+    that has filled up since `fits` looked (Ray's object store shares /dev/shm) is an
+    ENOSPC there, and the sync goes over TCP, instead of a sparse file whose pages would
+    be missing when the buckets are packed into it (SIGBUS, the trainer killed)."""
+    import errno
+
+    reserved = []
+
+    def full(fd, offset, length):
+        reserved.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", full)
+    named = [("a", torch.randn(300, 7))]
+    engine = FakeEngine([("a", (300, 7))])
+    channels = _group(2, str(tmp_path))
+    results = []
+    thread = _serve(WeightReceiver(channels[1], engine), 1, results)
+    with caplog.at_level("WARNING", logger="brorl"):
+        stats = WeightSender(channels[0]).send(named, version=1)
+    thread.join(JOIN_S)
+    for c in channels:
+        c.close()
+    assert reserved == [8448]  # 8400 bytes on 64-byte boundaries, reserved up front
+    assert results == [1] and not stats["shared_memory"]
+    assert "no shared-memory segment" in caplog.text and "No space" in caplog.text
+    assert torch.equal(engine.applied["a"], named[0][1])
+    assert os.listdir(tmp_path) == []
 
 
 # -- over gloo, ranks as threads ---------------------------------------------------------

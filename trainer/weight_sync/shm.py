@@ -11,6 +11,7 @@ falls back to broadcasting the bytes over gloo, and says so once in the log.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -56,7 +57,7 @@ class Segment:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:
-                os.ftruncate(fd, capacity)
+                _reserve(fd, capacity)
             finally:
                 os.close(fd)
             data = torch.from_file(path, shared=True, size=capacity, dtype=torch.uint8)
@@ -88,6 +89,20 @@ class Segment:
             raise ValueError(f"{total} bytes of buckets do not fit a {self.capacity}-byte "
                              "segment")
         return [self.data[o:o + n] for o, n in zip(offsets, sizes)]
+
+
+def _reserve(fd: int, capacity: int) -> None:
+    """Sizes the file to `capacity` bytes with its memory reserved now: a sparse tmpfs
+    file would take its pages only as buckets are packed, and if the directory filled up
+    meanwhile (Ray's object store shares it) that write would kill the trainer with SIGBUS
+    instead of raising here, where the group falls back to TCP. Filesystems without
+    fallocate get a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, capacity)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        os.ftruncate(fd, capacity)
 
 
 def new_token() -> str:
