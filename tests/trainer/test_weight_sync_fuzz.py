@@ -310,6 +310,39 @@ def test_a_refusal_by_two_of_four_receivers_names_the_lowest_on_every_rank():
         c.close()
 
 
+@pytest.mark.parametrize("source", ["named_parameters", "state_dict"])
+def test_tied_embeddings_sync_to_a_real_engine_exactly(tmp_path, source):
+    """A tied model sends its embedding once (named_parameters) or under both names, one
+    storage (state_dict); over gloo with bfloat16 packing the engine then computes the
+    trainer's logits (its weights cast to bfloat16) to float32 rounding, and its tied
+    head is the new embedding."""
+    from engine import Engine
+    from tests.helpers import make_checkpoint
+    from trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
+
+    old = make_checkpoint(tmp_path / "old", "qwen2", seed=4, tie_word_embeddings=True)
+    new = make_checkpoint(tmp_path / "new", "qwen2", seed=5, tie_word_embeddings=True)
+    named = list(getattr(new, source)().items()) if source == "state_dict" else \
+        list(new.named_parameters())
+    assert ("lm_head.weight" in dict(named)) == (source == "state_dict")
+    engine = Engine(str(tmp_path / "old"), page_size=4, max_kv_tokens=256)
+    channels = _group(2, str(tmp_path))
+    results = []
+    thread = _serve(WeightReceiver(channels[1], engine), 1, results)
+    WeightSender(channels[0], bucket_bytes=10_000, dtype="bfloat16").send(named, version=1)
+    thread.join(JOIN_S)
+    for c in channels:
+        c.close()
+    assert results == [1]
+    with torch.no_grad():
+        for p in new.parameters():
+            p.copy_(p.to(torch.bfloat16))  # what the engine was sent
+    ids = list(range(3, 19))
+    assert probe_diff(engine_logits(engine, ids), trainer_logits(new, ids), 1e-4) < 1e-4
+    assert probe_diff(engine_logits(engine, ids), trainer_logits(old, ids), 1e9) > 1e-2
+    assert torch.equal(engine.model.params["embed"], new.model.embed_tokens.weight)
+
+
 def _raw_send(channel, manifest_bytes: bytes) -> None:
     """What a sender of another version (or a broken one) does: a manifest, then waits
     for the verdict."""
