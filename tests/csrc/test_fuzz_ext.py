@@ -55,7 +55,6 @@ class RadixFuzz:
         # so prefixes are shared over many pages and diverge at any offset inside a page
         self.bases = [[self.rng.randrange(3) for _ in range(page_size * 9 + 3)]
                       for _ in range(3)]
-        self.inserted: list[tuple[list[int], list[int]]] = []
 
     def ids(self) -> list[int]:
         rng = self.rng
@@ -126,7 +125,6 @@ class RadixFuzz:
             self.both("decref", fresh, on="alloc")
         else:
             self.held.extend(fresh)
-        self.inserted.append((ids, pa))
         self.maybe_lock(na, nb, 0.3)
 
     def refused_insert(self) -> None:
