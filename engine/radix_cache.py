@@ -174,13 +174,17 @@ class RadixCache:
         ps, seen = self.page_size, set()
         cached = evictable = 0
 
-        def visit(node: RadixNode) -> int:
-            nonlocal cached, evictable
-            below = sum(visit(c) for c in node.children.values())
+        order, stack = [], [self.root]  # iterative: a chain of single-page nodes is deep
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        for node in reversed(order):  # children before their parent
+            below = sum(c.lock_ref for c in node.children.values())
             for first, c in node.children.items():
                 assert c.parent is node and c.key[:ps] == first, "bad child link"
             if node is self.root:
-                return 0
+                continue
             assert len(node.key) == len(node.pages) * ps and node.pages, "key/page mismatch"
             assert node.lock_ref == self._handles.get(node, 0) + below, "bad lock_ref"
             for p in node.pages:
@@ -189,8 +193,5 @@ class RadixCache:
                 seen.add(p)
             cached += len(node.pages)
             evictable += len(node.pages) if node.lock_ref == 0 else 0
-            return node.lock_ref
-
-        visit(self.root)
         assert cached == self.num_cached_pages, "num_cached_pages out of sync"
         assert evictable == self.num_evictable_pages, "num_evictable_pages out of sync"
