@@ -49,7 +49,7 @@ from trainer.policy import load_policy
 from trainer.rollout import collect_rollouts
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
-from trainer.weight_sync import WeightSyncError
+from trainer.weight_sync import ManifestRefused, WeightSyncError
 from trainer.weight_sync.probe import probe_check
 
 log = logging.getLogger("brorl")
@@ -210,6 +210,9 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
                   merge_identical_samples=r.merge_identical_samples)
 
 
+_SYNC_ERRORS = {c.__name__ for c in (WeightSyncError, ManifestRefused)}
+
+
 def sync_weights(run: Run, step: int) -> dict:
     """Sends the trainer's weights to the engine(s) as policy version `step`; with
     rollout.weight_sync_probe also compares logits on a fixed prompt. If a rollout worker
@@ -220,7 +223,11 @@ def sync_weights(run: Run, step: int) -> dict:
     try:
         on_main(lambda: run.engine.update_weights(list(named.items()), version=step), run.dp)
     except (WeightSyncError, MainRankError) as err:
-        if getattr(err, "kind", WeightSyncError.__name__) != WeightSyncError.__name__:
+        # rank 0 holds the error itself, the other ranks its type's name: every rank must
+        # decide alike, since the checkpoint below is a collective
+        sync_failed = (err.kind in _SYNC_ERRORS if isinstance(err, MainRankError)
+                       else isinstance(err, WeightSyncError))
+        if not sync_failed:
             raise
         run.step = step
         _checkpoint(run)  # every rank joins its gathers

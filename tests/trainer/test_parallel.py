@@ -190,8 +190,22 @@ def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
     assert single["train/distinct_samples"] == metrics["train/distinct_samples"] == 5
 
 
+def _refusing_engine(path, cfg):
+    """A local engine whose weight updates are refused, as a receiver refuses a manifest."""
+    from trainer.loop import local_engine
+    from trainer.weight_sync import ManifestRefused
+
+    engine = local_engine(path, cfg)
+
+    def refuse(named, version=None):
+        raise ManifestRefused("receiver 1 refused: shape of 'lm_head.weight' differs")
+
+    engine.update_weights = refuse
+    return engine
+
+
 def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: int,
-              queue) -> None:
+              queue, refuse_sync: bool = False) -> None:
     """One rank of a 2-rank run of the loop (rank 0 with a local engine)."""
     torch.set_num_threads(1)
     from tests.trainer.test_loop import _cfg
@@ -205,7 +219,8 @@ def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: in
                                           "algorithm.kl_coef": 0.1,
                                           "algorithm.num_mini_batches": 2})
     try:
-        train(cfg, resume=out if resume else None, dp=dp)
+        train(cfg, resume=out if resume else None, dp=dp,
+              make_engine=_refusing_engine if refuse_sync else None)
         queue.put((rank, "ok"))
     except BaseException as err:  # noqa: BLE001 - reported to the test
         queue.put((rank, repr(err)))
@@ -217,14 +232,15 @@ def _run_two_ranks(path, out, steps, resume=False):
     assert _two_ranks(path, out, steps, resume) == [(0, "ok"), (1, "ok")]
 
 
-def _two_ranks(path, out, steps, resume=False) -> list[tuple[int, str]]:
+def _two_ranks(path, out, steps, resume=False, refuse_sync=False) -> list[tuple[int, str]]:
     """(rank, "ok" or the error's repr) of each rank of a 2-rank run of the loop."""
     from trainer.weight_sync.channel import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_dp_train, args=(r, path, str(out), steps, resume, port,
-                                                 queue), daemon=True) for r in range(2)]
+                                                 queue, refuse_sync), daemon=True)
+             for r in range(2)]
     for p in procs:
         p.start()
     results = sorted(queue.get(timeout=300) for _ in procs)
@@ -246,6 +262,19 @@ def test_an_error_on_rank_0_stops_every_rank(tiny_policy, tmp_path):
     assert e0.startswith("FileNotFoundError") and "no complete checkpoint" in e0
     assert e1.startswith("MainRankError") and "rank 0 failed" in e1
     assert "no complete checkpoint" in e1
+
+
+def test_a_refused_sync_checkpoints_on_every_rank_then_stops_both(tiny_policy, tmp_path):
+    """Rank 0's engine refuses the step-1 weights: both ranks join the checkpoint (a
+    collective) and then raise. Before, rank 0 went on to checkpoint and rank 1 raised,
+    so rank 0 failed on a closed connection (or hung to the timeout) with no checkpoint."""
+    (r0, e0), (r1, e1) = _two_ranks(tiny_policy, tmp_path / "run", 2, refuse_sync=True)
+    assert (r0, r1) == (0, 1)
+    assert e0.startswith("ManifestRefused") and "lm_head.weight" in e0
+    assert e1.startswith("WeightSyncError") and "could not sync" in e1
+    assert "lm_head.weight" in e1  # rank 0's reason reaches rank 1
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-000001"]
 
 
 def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
