@@ -9,6 +9,7 @@ interpreter runs each program in Python."""
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,7 +74,7 @@ def up(*ts):
     return [t.float() for t in ts]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(12))
 def test_fuzz_paged_decode(case):
     rng = random.Random(100 + case)
     torch.manual_seed(100 + case)
@@ -101,7 +102,7 @@ def rand_groups(rng, B, sizes, prefix_lens, num_pages, ps):
     return gr, rand_tables(rng, prefix_lens, num_pages, ps), torch.tensor(prefix_lens)
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(12))
 def test_fuzz_cascade_decode(case):
     """Groups of different sizes (some rows in none), prefix 0 or off the block sizes,
     empty suffixes; the cascade equals the reference, and equals paged decode over the
@@ -112,6 +113,8 @@ def test_fuzz_cascade_decode(case):
     ps = s["ps"]
     G = rng.choice([1, 2, 3])
     sizes = [rng.choice([1, 2, 5]) for _ in range(G)]
+    if rng.random() < 0.2:
+        sizes[0] = 22  # 22 samples x 3 or 4 query heads: two tiles of the prefix kernel
     B = sum(sizes) + rng.choice([0, 1])
     whole = rng.random() < 0.5  # prefixes of whole pages, as the engine shares them
     prefix_lens = [rng.choice([0, 1, rng.randrange(1, 70)]) for _ in range(G)]
@@ -168,7 +171,7 @@ def test_fuzz_merge_states_is_exact_and_handles_empty_sides():
     assert both.any() and torch.all(got_lse[both] == -math.inf) and torch.all(got[both] == 0)
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(10))
 def test_fuzz_extend_attention(case):
     """Several sequences per launch: prefix 0 or not page aligned, empty extends, extends
     longer than a block of new tokens, page sizes 1..32, GQA, strided q and caches."""
@@ -213,7 +216,7 @@ def rand_sampling_params(gen, B):
             pick([1.0, 1.0, 0.9, 0.3, 1e-6]), pick([0.0, 0.0, 0.1, 0.999, 1.0]))
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(20))
 def test_fuzz_sampler_draws_the_reference_tokens(monkeypatch, case):
     """Exactly the reference's tokens and logprobs within 1e-6: vocabularies of 1..200,
     blocks smaller than the vocabulary, ties, -inf logits, tiny temperatures, top_k=1,
@@ -261,6 +264,38 @@ def test_sampler_single_survivor_edges_pick_the_reference_token():
         torch.testing.assert_close(lp_tr, lp_ref, rtol=0, atol=1e-6)
 
 
+def test_sampler_uniforms_on_a_cumulative_boundary_draw_the_next_token():
+    """u * total equal to a cumulative weight (equal logits, u = 0, 1/4, 1/2, 3/4 exactly)
+    draws the token after the boundary, as the reference's `c_i > u * total` does."""
+    B, V = 4, 4
+    keys = np.array([0, 1 << 62, 1 << 63, 3 << 62], dtype=np.uint64)
+    params = (torch.ones(B), torch.full((B,), -1), torch.ones(B), torch.zeros(B))
+    logits = torch.zeros(B, V)
+    t_ref, _ = sample_ref(logits, *params, keys)
+    t_tr, _ = st.sample_triton(logits, *params, keys)
+    assert t_ref.tolist() == [0, 1, 2, 3] and torch.equal(t_tr, t_ref)
+
+
+def test_sampler_top_p_just_below_and_above_a_cumulative_mass():
+    """top_p 1e-5 below / above the top token's probability (and the top two's) keeps one
+    / two (two / three) tokens, far from float32 rounding of the mass."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    probs = torch.softmax(logits.double(), -1)
+    cut = [probs[0], probs[0], probs[:2].sum(), probs[:2].sum()]
+    top_p = torch.tensor([float(c) + d for c, d in zip(cut, [-1e-5, 1e-5, -1e-5, 1e-5])])
+    rows = 48  # 12 draws per setting: the excluded tokens would show up
+    top_p = top_p.repeat_interleave(rows // 4)
+    params = (torch.ones(rows), torch.full((rows,), -1), top_p, torch.zeros(rows))
+    keys = row_keys([9] * rows, [0] * rows, list(range(rows)), [0] * rows)
+    x = logits.expand(rows, -1).contiguous()
+    t_ref, lp_ref = sample_ref(x, *params, keys)
+    t_tr, lp_tr = st.sample_triton(x, *params, keys)
+    assert torch.equal(t_tr, t_ref)
+    kept = [len(set(t.tolist())) for t in t_tr.view(4, rows // 4)]
+    assert kept == [1, 2, 2, 3], kept
+    torch.testing.assert_close(lp_tr, lp_ref, rtol=0, atol=1e-6)
+
+
 def dense_stats(hidden, weight, bias, targets, temperature):
     """The plain definition: the full [T, V] log-softmax, differentiable by autograd."""
     z = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
@@ -268,7 +303,7 @@ def dense_stats(hidden, weight, bias, targets, temperature):
     return logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(10))
 def test_fuzz_token_logprob_forward_and_gradients(case):
     """The fused forward (and the chunked backward it shares with the reference) against
     torch autograd of the dense formula: T, V, H off the blocks (T=1, V=1 included),
@@ -301,8 +336,12 @@ def test_fuzz_token_logprob_forward_and_gradients(case):
               lambda t: t)
     tol = 3e-5 if dtype == torch.float32 else 4e-3
     for i, (x, y) in enumerate(zip(got, want)):
-        scale = 4 if i >= 2 and dtype == torch.float16 else 1  # fp16 gradients are rounded
-        torch.testing.assert_close(x, y.float(), rtol=tol * scale, atol=tol * scale)
+        if i >= 2 and dtype == torch.float16:
+            # the backward recomputes the logits in fp16 (as a bf16/fp16 LM head does), so
+            # p carries their rounding: errors reach 0.4% of the largest gradient here
+            assert (x - y.float()).abs().max() <= 1e-2 * y.abs().max(), i
+        else:
+            torch.testing.assert_close(x, y.float(), rtol=tol, atol=tol)
     lse_ref = torch.logsumexp(torch.nn.functional.linear(
         hidden.double(), weight.double(), None if bias is None else bias.double())
         / temperature, -1)
@@ -311,7 +350,7 @@ def test_fuzz_token_logprob_forward_and_gradients(case):
                                rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_fuzz_rms_norm_and_rope(case):
     rng = random.Random(600 + case)
     torch.manual_seed(600 + case)
@@ -329,8 +368,11 @@ def test_fuzz_rms_norm_and_rope(case):
     assert torch.equal(got_sum, want_sum)
     torch.testing.assert_close(got, want, **tol)
     T, heads, d = rng.choice([1, 6]), rng.choice([1, 3, 17]), rng.choice([2, 6, 16, 24])
-    qkv = torch.randn(T, heads + 2, d).to(dtype)
-    xr = qkv[:, 1:heads + 1]  # a strided view, as q/k out of a fused projection
+    if case % 3:  # a strided view, as q/k out of a fused projection
+        xr = torch.randn(T, heads + 2, d).to(dtype)[:, 1:heads + 1]
+    else:  # heads outermost: a head stride of T * d
+        T, heads = 5, max(heads, 3)
+        xr = torch.randn(heads, T, d).to(dtype).transpose(0, 1)
     ang = torch.rand(T, d // 2) * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
     torch.testing.assert_close(apply_rope_triton(xr, cos, sin), apply_rope_ref(xr, cos, sin),
@@ -351,7 +393,7 @@ def small_decode_case():
 def test_cascade_rejects_group_rows_outside_q():
     """Bug: a group row >= B made stage 1 write past the partials buffer (no error)."""
     q, kc, vc, gr, pp, pl, sp, sl = small_decode_case()
-    for bad in (torch.tensor([[0, 1, 5]]), torch.tensor([[0, -2, 1]])):
+    for bad in (torch.tensor([[0, 1, 3]]), torch.tensor([[0, -2, 1]])):  # B = 3
         with pytest.raises(ValueError, match="group_rows must be -1"):
             shared_prefix_triton(q, kc, vc, bad, pp, pl, 0.25)
         with pytest.raises(ValueError, match="group_rows must be -1"):
