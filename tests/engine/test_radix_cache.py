@@ -138,16 +138,16 @@ def test_random_operations_keep_cache_consistent_with_a_naive_model(impl):
 
 def test_integrity_check_of_a_very_deep_chain(impl):
     """A prefix extended one page at a time makes a chain of nodes as deep as it is long
-    (3000 here); the check walks it without recursion (the Python one recursed and raised
+    (1500 here); the check walks it without recursion (the Python one recursed and raised
     RecursionError past about 1000)."""
-    alloc, cache, _ = make_cache(3100, 1, impl)
+    alloc, cache, _ = make_cache(1600, 1, impl)
     ids = []
-    for t in range(3000):
+    for t in range(1500):
         ids.append(t % 7 + 3)
         pages = alloc.alloc(1)
         if t:
             pages = [*cache.match_prefix(ids[:-1])[0], *pages]
         cache.insert(ids, pages)
         alloc.decref(pages[-1:])  # the cache keeps its own reference to the new page
-    assert cache.num_cached_pages == 3000
+    assert cache.num_cached_pages == 1500
     cache.check_integrity()
