@@ -72,7 +72,8 @@ def _train(args) -> int:
         ckpts = checkpoint_dirs(run_dir)
         print("\nbrorl train: interrupted; " + (
             f"the newest checkpoint is {ckpts[-1]}: continue with brorl train --resume "
-            f"{run_dir}" if ckpts else "no checkpoint was written yet"), file=sys.stderr)
+            f"{run_dir}" if ckpts else "no checkpoint was written yet (run again with "
+            "overwrite=true to start over in the same output_dir)"), file=sys.stderr)
         return 130
     before, after = result["before"], result["after"]
     if before and after:
@@ -88,10 +89,10 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from engine import Engine
     from trainer.checkpoint import latest_checkpoint
     from trainer.data import load_problems
     from trainer.evaluate import evaluate
+    from trainer.loop import local_engine
     from trainer.verifiers import VerifierPool
 
     path = Path(args.checkpoint)
@@ -108,8 +109,7 @@ def _eval(args) -> int:
         cfg = load_config(saved, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    engine = Engine(str(path), device=cfg.model.resolved_device, dtype=cfg.model.dtype,
-                    page_size=cfg.rollout.page_size, max_kv_tokens=cfg.rollout.max_kv_tokens)
+    engine = local_engine(str(path), cfg)  # as the run's trainer built it
     _, held_out = load_problems(cfg.data)
     with VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s) as pool:
         result = evaluate(engine, held_out, cfg, pool)

@@ -10,6 +10,7 @@ step's kept groups from it and join the collectives (update, full-state gathers)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import shutil
@@ -22,6 +23,7 @@ import yaml
 
 from engine import Engine
 from trainer.checkpoint import (
+    checkpoint_dirs,
     latest_checkpoint,
     load_state,
     rng_state,
@@ -114,11 +116,13 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         # or verifier fails in seconds
         problems.extend(load_problems(cfg.data))
         if ckpt is None:
-            _claim_run_dir(run_dir, cfg.overwrite)
+            _claim_run_dir(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg),
-                                                                sort_keys=False))
+            # saved without overwrite: a run's config reused as a template must not delete
+            # that run
+            saved = to_dict(dataclasses.replace(cfg, overwrite=False))
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         return ckpt, (str(ckpt) if ckpt else _initial_policy(cfg))  # e.g. the demo policy
 
     # only rank 0 touches the filesystem; the other ranks get what they need from it
@@ -290,8 +294,9 @@ def _checkpoint(run: Run, trainer_state: dict | None = None) -> None:
 def _checkpoint_interrupted(run: Run) -> None:
     """On Ctrl-C while a step draws its rollouts, the last finished step is saved as it
     ended, so `--resume` loses nothing and continues exactly. Interrupted later in a step
-    (the policy half updated), the run resumes from its newest checkpoint. One process
-    only: data-parallel ranks are not interrupted together."""
+    (the policy half updated), the run resumes from its newest checkpoint. The embedded
+    launch only: data-parallel ranks are not interrupted together, and with the Ray
+    launcher Ctrl-C reaches the driver, not the trainer actor."""
     if run.dp.enabled or run.resumable is None or run.step <= run.checkpointed:
         return  # (step 0 is the initial policy: a new run starts it again)
     _checkpoint(run, run.resumable)
@@ -327,19 +332,28 @@ def _restore(run: Run, ckpt: Path) -> None:
         log.info("resumed from %s (step %d)", ckpt, run.step)
 
 
-def _claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+def _claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     """A new run may not write into another run's directory: its metrics would be appended
     to the old ones and its checkpoints replace theirs. With `overwrite` the old run's
-    files are deleted first."""
+    files are deleted first, unless the new run reads from them."""
     held = [p for p in (run_dir / METRICS_FILE, run_dir / "checkpoints", run_dir / TB_DIR)
             if p.exists()]
     if not held:
         return
-    if not overwrite:
+    if not cfg.overwrite:
+        resumable = checkpoint_dirs(run_dir)
         raise ValueError(f"output_dir {run_dir} already holds a run "
-                         f"({', '.join(p.name for p in held)}): continue it with --resume "
-                         f"{run_dir}, choose another output_dir, or pass overwrite=true to "
-                         "delete it and start over")
+                         f"({', '.join(p.name for p in held)}): "
+                         + (f"continue it with --resume {run_dir}, " if resumable else
+                            "it has no checkpoint to resume; ")
+                         + "choose another output_dir, or pass overwrite=true to delete it "
+                         "and start over")
+    inputs = [cfg.model.path, cfg.data.train, cfg.data.eval]
+    for value in inputs:
+        if value and Path(value).exists() and any(
+                Path(value).resolve().is_relative_to(p.resolve()) for p in held):
+            raise ValueError(f"overwrite=true would delete {value}, which this run reads; "
+                             "copy it out of the old run first")
     log.warning("overwrite=true: deleting the run in %s", run_dir)
     for p in held:
         shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -114,10 +114,22 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_polic
     # refused before touching anything: the old run's metrics and checkpoints are intact
     assert read_metrics(out) == before
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    # overwrite never deletes what the new run reads: here its policy
+    with pytest.raises(ValueError, match="would delete .*step-000001, which this run reads"):
+        train(_cfg(str(out / "checkpoints" / "step-000001"), out, steps=1, overwrite="true"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
     (out / "checkpoints" / "step-000009").mkdir()  # a stale checkpoint the new run must drop
     train(_cfg(tiny_policy, out, steps=1, overwrite="true"))
     assert [r["step"] for r in read_metrics(out)] == [0, 1]  # not appended to the old run's
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
+    # its saved config, reused as a template, does not delete this run
+    assert "overwrite: false" in (out / "config.yaml").read_text()
+    # a first attempt that died before its first checkpoint: nothing to resume
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="has no checkpoint to resume; choose another"):
+        train(_cfg(tiny_policy, failed, steps=1))
 
 
 def test_eval_of_a_run_uses_the_runs_own_config(tiny_policy, tmp_path, capsys):

@@ -28,7 +28,9 @@ DEFAULT_BUCKET_BYTES = 512 << 20
 
 
 class ManifestRefused(WeightSyncError, ValueError):
-    """A receiver found the manifest does not fit its model; nothing was changed."""
+    """A receiver refused the sync: the manifest does not fit its model, or it could not
+    read it (nothing was changed), or applying the weights failed (e.g. out of memory;
+    the engine may then hold part of them, so sync again or rebuild it)."""
 
 
 class InProcessSender:
