@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -54,7 +55,21 @@ def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
     start = -raw.data_ptr() % 64  # the 64-byte alignment of torch's own allocator
-    return raw[start:start + nbytes].view(dtype).view(shape)
+    out = raw[start:start + nbytes].view(dtype).view(shape)
+    _lazy_pool_bytes[0] += nbytes
+    weakref.finalize(out, _release, nbytes)
+    return out
+
+
+# Bytes of this process's live CPU pools. Free memory does not show the pages they have not
+# touched yet, so sizing another pool counts them as taken (all of them: conservative where
+# some are already mapped, never more than the memory exists for). Other processes on the
+# machine cannot be seen: give each its rollout.max_kv_tokens there.
+_lazy_pool_bytes = [0]
+
+
+def _release(nbytes: int) -> None:
+    _lazy_pool_bytes[0] -= nbytes
 
 
 def num_pages_that_fit(model: ModelConfig, config: EngineConfig, dtype: torch.dtype,
@@ -66,7 +81,8 @@ def num_pages_that_fit(model: ModelConfig, config: EngineConfig, dtype: torch.dt
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = max(0, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                   - _lazy_pool_bytes[0])
     pages = int(free * config.kv_memory_fraction) // per_page
     if pages < 1:
         raise ValueError(f"not enough free memory for one KV page ({per_page} bytes)")

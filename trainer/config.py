@@ -98,7 +98,10 @@ class RolloutConfig:
     top_k: int = _f(-1, "top-k (-1: off)")
     max_tokens: int = _f(64, "response length cap; truncated responses score 0")
     page_size: int = _f(16, "engine KV page size")
-    max_kv_tokens: int | None = _f(None, "engine KV pool size (None: fit memory)")
+    max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
+                                   "when the engine starts; set it when several rollout "
+                                   "workers share a CPU machine, which cannot see each "
+                                   "other's pools)")
     attention_backend: str = _f("auto", "engine attention backend")
     merge_identical_samples: bool = _f(True, "engine decode computes samples of a prompt "
                                        "with identical tokens so far once")

@@ -267,3 +267,24 @@ def test_a_cpu_pool_sized_for_free_memory_is_resident_only_where_used(qwen2, dty
     params = SamplingParams(n=3, max_tokens=5, temperature=0, ignore_eos=True)
     assert tokens_of(engine.generate([[5, 6, 7]], params)) == tokens_of(
         want.generate([[5, 6, 7]], params))
+
+
+def test_pools_sized_for_free_memory_count_the_pools_this_process_made(qwen2):
+    """Free memory does not show a lazily mapped pool's untouched pages, so each engine
+    sized from free memory counts the live pools as taken (else each would take 30% of
+    the same memory)."""
+    import gc
+
+    from engine import kv_pool
+
+    path, _ = qwen2
+    gc.collect()
+    before = kv_pool._lazy_pool_bytes[0]  # pools of engines other tests still hold
+    first = Engine(path, page_size=PAGE)
+    second = Engine(path, page_size=PAGE)
+    assert second.kv.num_pages < 0.85 * first.kv.num_pages  # ~0.7x: 30% of what is left
+    held = first.kv.k.nbytes + first.kv.v.nbytes + second.kv.k.nbytes + second.kv.v.nbytes
+    assert kv_pool._lazy_pool_bytes[0] == before + held
+    del first, second
+    gc.collect()
+    assert kv_pool._lazy_pool_bytes[0] == before  # released with their engines
