@@ -51,7 +51,7 @@ from trainer.policy import load_policy
 from trainer.rollout import collect_rollouts
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
-from trainer.weight_sync import ManifestRefused, WeightSyncError
+from trainer.weight_sync import WeightSyncError
 from trainer.weight_sync.probe import probe_check
 
 log = logging.getLogger("brorl")
@@ -214,9 +214,6 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
                   merge_identical_samples=r.merge_identical_samples)
 
 
-_SYNC_ERRORS = {c.__name__ for c in (WeightSyncError, ManifestRefused)}
-
-
 def sync_weights(run: Run, step: int) -> dict:
     """Sends the trainer's weights to the engine(s) as policy version `step`; with
     rollout.weight_sync_probe also compares logits on a fixed prompt. If a rollout worker
@@ -229,7 +226,7 @@ def sync_weights(run: Run, step: int) -> dict:
     except (WeightSyncError, MainRankError) as err:
         # rank 0 holds the error itself, the other ranks its type's name: every rank must
         # decide alike, since the checkpoint below is a collective
-        sync_failed = (err.kind in _SYNC_ERRORS if isinstance(err, MainRankError)
+        sync_failed = (WeightSyncError.__name__ in err.kinds if isinstance(err, MainRankError)
                        else isinstance(err, WeightSyncError))
         if not sync_failed:
             raise

@@ -251,11 +251,12 @@ def broadcast_object(obj, dp: DataParallel):
 
 class MainRankError(RuntimeError):
     """Raised on the other ranks when rank 0 failed in `on_main`; `kind` is the name of
-    the exception type rank 0 raised."""
+    the exception type rank 0 raised, `kinds` the names of that type and its bases."""
 
-    def __init__(self, message: str, kind: str) -> None:
+    def __init__(self, message: str, kind: str, kinds: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.kind = kind
+        self.kinds = kinds or (kind,)
 
 
 def on_main(fn, dp: DataParallel, share: bool = False):
@@ -271,14 +272,14 @@ def on_main(fn, dp: DataParallel, share: bool = False):
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the others know
             error = e
-    verdict = broadcast_object(None if error is None else (type(error).__name__, str(error)),
-                               dp)
+    verdict = broadcast_object(None if error is None else (
+        type(error).__name__, str(error), tuple(c.__name__ for c in type(error).__mro__)), dp)
     if error is not None:
         raise error
     if verdict is not None:
-        kind, message = verdict
+        kind, message, kinds = verdict
         raise MainRankError(f"trainer rank 0 failed, so rank {dp.rank} stops too: {kind}: "
-                            f"{message}", kind)
+                            f"{message}", kind, kinds)
     return broadcast_object(result, dp) if share else result
 
 
