@@ -58,7 +58,7 @@ def pack_extend_meta(page_tables: list[torch.Tensor], prefix_lens: list[int],
     need = 0
     for p, c, t in zip(page_tables, prefix_lens, extend_lens):
         if c + t:
-            need = max(need, -(-(c + t) // p.numel()) if p.numel() else _NO_PAGES)
+            need = max(need, triton.cdiv(c + t, p.numel()) if p.numel() else _NO_PAGES)
     return ExtendPacked(table, torch.tensor(prefix_lens, dtype=torch.int32, device=device),
                         torch.tensor(extend_lens, dtype=torch.int32, device=device),
                         torch.tensor(starts, dtype=torch.int64, device=device),

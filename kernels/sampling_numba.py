@@ -93,17 +93,15 @@ def _sample_kernel(x, temperature, thr, u, out_tok, out_lse, out_lp):
         lse = m64 + math.log(total)
         tok = -1
         if greedy:  # the first NaN if there is one (as torch.argmax), else the first max
+            first_max = -1
             for i in range(V):
                 if z[i] != z[i]:
                     tok = i
                     break
+                if first_max < 0 and z[i] == m:
+                    first_max = i
             if tok < 0:
-                for i in range(V):
-                    if z[i] == m:
-                        tok = i
-                        break
-            if tok < 0:
-                tok = 0
+                tok = max(first_max, 0)
         else:
             target = u[b] * allowed
             c = 0.0

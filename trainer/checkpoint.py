@@ -17,12 +17,14 @@ import torch
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"  # under the run directory
+RUN_CONFIG = "config.yaml"  # the run's config, beside it
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
@@ -37,7 +39,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     leaves a half-written checkpoint that resume would pick up. Keeps the newest `keep`.
     `model_state` / `ref_state`: full parameters gathered from a sharded policy and
     reference (trainer/parallel.py), written instead of the modules' own."""
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))

@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.config import describe, load_config
+from trainer.config import TrainConfig, describe, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,16 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _load_config(args, run_dir) -> TrainConfig:
+    """--config, else the run's own config.yaml when `run_dir` is a run that has one (as
+    --resume and `brorl eval RUN_DIR` use it), else the shipped demo; then the overrides."""
+    from trainer.checkpoint import RUN_CONFIG
+
+    saved = Path(run_dir) / RUN_CONFIG if run_dir else None
+    if args.config is None and saved is not None and saved.is_file():
+        logging.getLogger("brorl").info("config: %s", saved)
+        return load_config(saved, args.overrides)
+    return load_config(args.config, args.overrides)
+
+
 def _train(args) -> int:
     from trainer.loop import check_inputs, train
 
     if args.launcher:
         args.overrides = [*args.overrides, f"launcher={args.launcher}"]
-    if args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        cfg = load_config(args.config or (saved if saved.is_file() else None), args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args, args.resume)
     check_inputs(cfg)
     if cfg.launcher == "ray":
         from trainer.launch_ray import train_ray as train
@@ -89,26 +97,20 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
     from trainer.data import load_problems
     from trainer.evaluate import evaluate
     from trainer.loop import local_engine
     from trainer.verifiers import VerifierPool
 
     path = Path(args.checkpoint)
-    run_dir = (path if (path / "checkpoints").is_dir() else
-               path.parent.parent if path.parent.name == "checkpoints" else None)
-    if (path / "checkpoints").is_dir():
+    run_dir = (path if (path / CHECKPOINTS).is_dir() else
+               path.parent.parent if path.parent.name == CHECKPOINTS else None)
+    if run_dir == path:
         path = latest_checkpoint(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{args.checkpoint} is neither a checkpoint dir nor a run dir")
-    # a run's own config (its data, verifier and eval settings), as --resume uses it
-    saved = run_dir / "config.yaml" if run_dir is not None else None
-    if args.config is None and saved is not None and saved.is_file():
-        logging.getLogger("brorl").info("config: %s", saved)
-        cfg = load_config(saved, args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides)
+    cfg = _load_config(args, run_dir)  # its data, verifier and eval settings
     engine = local_engine(str(path), cfg)  # as the run's trainer built it
     _, held_out = load_problems(cfg.data)
     with VerifierPool(cfg.verifier.num_workers, cfg.verifier.timeout_s) as pool:

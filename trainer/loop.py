@@ -23,6 +23,8 @@ import yaml
 
 from engine import Engine
 from trainer.checkpoint import (
+    CHECKPOINTS,
+    RUN_CONFIG,
     checkpoint_dirs,
     latest_checkpoint,
     load_state,
@@ -122,7 +124,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
             # saved without overwrite: a run's config reused as a template must not delete
             # that run
             saved = to_dict(dataclasses.replace(cfg, overwrite=False))
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+            (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
         return ckpt, (str(ckpt) if ckpt else _initial_policy(cfg))  # e.g. the demo policy
 
     # only rank 0 touches the filesystem; the other ranks get what they need from it
@@ -333,7 +335,7 @@ def _claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
     """A new run may not write into another run's directory: its metrics would be appended
     to the old ones and its checkpoints replace theirs. With `overwrite` the old run's
     files are deleted first, unless the new run reads from them."""
-    held = [p for p in (run_dir / METRICS_FILE, run_dir / "checkpoints", run_dir / TB_DIR)
+    held = [p for p in (run_dir / METRICS_FILE, run_dir / CHECKPOINTS, run_dir / TB_DIR)
             if p.exists()]
     if not held:
         return
@@ -345,8 +347,7 @@ def _claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
                             "it has no checkpoint to resume; ")
                          + "choose another output_dir, or pass overwrite=true to delete it "
                          "and start over")
-    inputs = [cfg.model.path, cfg.data.train, cfg.data.eval]
-    for value in inputs:
+    for value in (cfg.model.path, cfg.data.train, cfg.data.eval):
         if value and Path(value).exists() and any(
                 Path(value).resolve().is_relative_to(p.resolve()) for p in held):
             raise ValueError(f"overwrite=true would delete {value}, which this run reads; "

@@ -57,15 +57,15 @@ def build_samples(groups: list[Group], cfg: TrainConfig,
     for gi, (g, row) in enumerate(zip(groups, adv)):
         keep = (max_variance_subset(g.rewards, k, generator).tolist() if k
                 else range(g.n))
-        for j in keep:
+        for j in sorted(keep):
             lps = g.behaviour_logprobs[j] or ()
             if len(lps) != len(g.response_ids[j]):
                 raise ValueError(f"group {gi} sample {j}: {len(lps)} behaviour logprobs for "
                                  f"{len(g.response_ids[j])} response tokens; the engine "
                                  "must return one logprob per sampled token")
-        samples += [Sample(g.prompt_ids + g.response_ids[j], len(g.prompt_ids),
-                           float(row[j]), g.behaviour_logprobs[j])
-                    for j in sorted(keep) if g.response_ids[j]]
+            if g.response_ids[j]:
+                samples.append(Sample(g.prompt_ids + g.response_ids[j], len(g.prompt_ids),
+                                      float(row[j]), g.behaviour_logprobs[j]))
     return samples, {"advantage/abs_mean": float(adv.abs().mean()),
                      "advantage/max": float(adv.max()), "advantage/min": float(adv.min())}
 
