@@ -167,10 +167,9 @@ class Scheduler:
         ps, i = self.page_size, 0
         while i < len(self.running):
             seq = self.running[i]
-            if seq.num_cached < len(seq.page_table) * ps:  # its page has room
-                batch.append(seq)
-                i += 1
-            elif self.cache.grow(seq, seq.num_cached + 1):
+            # its page has room, or it gets one
+            if (seq.num_cached < len(seq.page_table) * ps
+                    or self.cache.grow(seq, seq.num_cached + 1)):
                 batch.append(seq)
                 i += 1
             else:  # the victim is never in batch yet; if it is seq, the loop ends
