@@ -26,6 +26,9 @@ class DecodeMeta:
     prefix_lens: torch.Tensor | None  # [G]
     suffix_pages: torch.Tensor | None  # [B, Ps] private pages of each row
     suffix_lens: torch.Tensor | None  # [B]
+    # whether some group_rows entry is -1 padding, known on the host when the runner
+    # builds the metadata; backends that need it then skip a device check (one sync)
+    group_padded: bool | None = None
 
 
 @dataclass

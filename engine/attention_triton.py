@@ -18,7 +18,8 @@ from kernels.extend_attention_triton import (
 
 class TritonBackend(TorchBackend):
     """Triton kernels for every attention call; the metadata of an extend step is packed
-    into tensors once in `begin`, not once per layer."""
+    into tensors once in `begin`, not once per layer, and a decode step's group padding
+    comes from the host (`DecodeMeta.group_padded`), so no layer waits on the device."""
 
     name = "triton"
 
@@ -38,4 +39,5 @@ class TritonBackend(TorchBackend):
 
     def cascade_decode(self, q, kc, vc, m: DecodeMeta) -> torch.Tensor:
         return cascade_decode_triton(q, kc, vc, m.group_rows, m.prefix_pages, m.prefix_lens,
-                                     m.suffix_pages, m.suffix_lens, self.scale)
+                                     m.suffix_pages, m.suffix_lens, self.scale,
+                                     padded=m.group_padded)

@@ -74,12 +74,14 @@ class ModelRunner:
         if groups:
             rows = list(groups.values())
             meta.group_rows = _padded(rows, dev, pad=-1)
+            meta.group_padded = len({len(r) for r in rows}) > 1
             meta.prefix_pages = _padded([seqs[r[0]].group.shared_pages for r in rows], dev)
             meta.prefix_lens = self._tensor([seqs[r[0]].group.shared_len for r in rows])
         else:
             meta.group_rows = torch.empty(0, 1, dtype=torch.int64, device=dev)
             meta.prefix_pages = torch.zeros(0, 1, dtype=torch.int64, device=dev)
             meta.prefix_lens = torch.zeros(0, dtype=torch.int64, device=dev)
+            meta.group_padded = False
         meta.suffix_pages = _padded(suffix_pages, dev)
         meta.suffix_lens = self._tensor(suffix_lens)
         return meta

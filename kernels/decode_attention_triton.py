@@ -258,10 +258,12 @@ def shared_prefix_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens, scale,
-                     extra_splits: int, splits: int | None, suffix=None):
+                     extra_splits: int, splits: int | None, suffix=None,
+                     padded: bool | None = None):
     """Runs stage 1 into a fresh partials buffer with `extra_splits` free split slots after
-    the prefix splits (`suffix`: checked with the groups, see `_check_groups`). Returns
-    (o_part, l_part, number of prefix splits)."""
+    the prefix splits (`suffix`: checked with the groups, see `_check_groups`; `padded`
+    given: the caller vouches for the bounds, nothing is checked). Returns (o_part, l_part,
+    number of prefix splits)."""
     B, H, D = q.shape
     check_int("group_rows", group_rows, 2, q.device)
     G = group_rows.shape[0]
@@ -272,7 +274,8 @@ def _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens,
     work = G * k_cache.shape[2] * triton.cdiv(max(group_rows.shape[1] * r, 1), PREFIX_BLOCK_M)
     s, split_len = _split_plan(work, max_tokens, q.device, splits, PREFIX_BLOCK_N)
     o_part, l_part = _partials(B, H, s + extra_splits, D, q.device)
-    padded = _check_groups(group_rows, prefix_lens, B, max_tokens, suffix)
+    if padded is None:
+        padded = _check_groups(group_rows, prefix_lens, B, max_tokens, suffix)
     if G * group_rows.shape[1] < B or padded:
         o_part[:, :, :s].zero_()  # rows outside every group: an empty prefix
         l_part[:, :, :s].fill_(-math.inf)
@@ -331,10 +334,18 @@ def cascade_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                           prefix_lens: torch.Tensor, suffix_pages: torch.Tensor,
                           suffix_lens: torch.Tensor, scale: float,
                           paged_fn=None, prefix_splits: int | None = None,
-                          suffix_splits: int | None = None) -> torch.Tensor:
+                          suffix_splits: int | None = None,
+                          padded: bool | None = None) -> torch.Tensor:
     """`cascade_decode_ref`'s contract -> out float32 [B, H, D]. The prefix and suffix
     stages write into one partials buffer, merged once. `paged_fn` is accepted for
-    signature compatibility and ignored (the suffix stage is always the Triton kernel)."""
+    signature compatibility and ignored (the suffix stage is always the Triton kernel).
+
+    `padded` None: the metadata's bounds are checked on the device, one host sync per
+    call (`_check_groups`). A bool (whether some group row is -1 padding): the caller
+    built the metadata on the host and vouches that every group row is -1 or a row of q
+    and every prefix and suffix fits its pages, so nothing waits on the device; the
+    engine does this, once per step rather than once per layer. Wrong bounds then read
+    or write out of bounds."""
     _check_q(q, k_cache, v_cache)
     B = q.shape[0]
     if group_rows.shape[0] == 0:
@@ -347,7 +358,7 @@ def cascade_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                                 DECODE_BLOCK_N)
     o_part, l_part, sp = _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages,
                                           prefix_lens, scale, ss, prefix_splits,
-                                          (suffix_lens, max_suffix))
+                                          (suffix_lens, max_suffix), padded)
     _launch_paged(q, k_cache, v_cache, suffix_pages, suffix_lens, scale, o_part[:, :, sp:],
                   l_part[:, :, sp:], ss, split_len)
     return _merge(o_part, l_part)[0]

@@ -57,3 +57,38 @@ def test_triton_sampler_in_the_engine_draws_the_torch_samplers_tokens(qwen2, mon
         assert lp == pytest.approx(lp_ref, abs=1e-6)
     assert len({tuple(t) for t, _ in outs["triton"]}) > 1  # the draws are not all greedy
     assert len(calls) >= 6  # every decode step of the second engine ran the fused kernel
+
+
+def test_triton_cascade_takes_group_padding_from_the_host(qwen2, monkeypatch):
+    """Groups of 3 and 2 samples (one group row padded) and groups of equal size: each
+    decode call gets `padded` from the runner's host lists, equal to what the device check
+    finds, and the device check (a host sync per layer) never runs; tokens equal the torch
+    backend's."""
+    import engine.attention_triton as at
+    import kernels.decode_attention_triton as dt
+
+    seen, device_checks = [], []
+    check, fused = dt._check_groups, dt.cascade_decode_triton
+
+    def spy(q, kc, vc, gr, pp, pl, sp, sl, scale, padded=None):
+        seen.append((padded, check(gr, pl, q.shape[0], pp.shape[1] * kc.shape[1],
+                                   (sl, sp.shape[1] * kc.shape[1]))))
+        return fused(q, kc, vc, gr, pp, pl, sp, sl, scale, padded=padded)
+
+    monkeypatch.setattr(at, "cascade_decode_triton", spy)
+    monkeypatch.setattr(dt, "_check_groups", lambda *a: device_checks.append(1) or check(*a))
+    path, _ = qwen2
+    prompts = [list(range(3, 14)), list(range(20, 28))]
+    for ns in ((3, 2), (2, 2)):
+        params = [SamplingParams(n=n, max_tokens=3, temperature=0.0, ignore_eos=True)
+                  for n in ns]
+        outs = {}
+        for backend in ("torch", "triton"):
+            engine = Engine(path, page_size=4, max_kv_tokens=512, attention_backend=backend,
+                            merge_identical_samples=False)
+            outs[backend] = [[c.token_ids for c in o.outputs]
+                             for o in engine.generate(prompts, params)]
+        assert outs["triton"] == outs["torch"]
+    assert seen and all(given == found for given, found in seen)
+    assert {given for given, _ in seen} == {True, False}
+    assert device_checks == []
