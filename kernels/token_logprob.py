@@ -3,7 +3,8 @@
 For positions t with hidden states h_t (hidden [T, H]), the LM head weight [V, H] (and an
 optional bias [V]) and a temperature:
 
-  z_t       = (h_t W^T + bias) / temperature                  (float32)
+  z_t       = (h_t W^T + bias) / temperature                  (float32; the product is
+                                                               in the inputs' dtype)
   logp_t    = z_t[target_t] - lse_t,  lse_t = logsumexp(z_t)
   entropy_t = lse_t - sum_v softmax(z_t)_v z_t,v
 

@@ -5,10 +5,13 @@ kernels/token_logprob.py).
 sweeps its split BLOCK_V entries at a time; each [BLOCK_T, BLOCK_V] logits tile is a
 `tl.dot` over the hidden size, scaled, and folded at once into the running max m, sum
 l = sum exp(z - m), q = sum exp(z - m) z and the target's logit, so logits never reach
-memory. Splits (to fill the GPU when T is small) write partial (m, l, q, target logit),
-merged by an exact log-sum-exp in torch ([splits, T] floats). The grid runs the position
-tiles fastest, so the programs resident at one time read the same weight rows (L2 reuse).
-Imported lazily.
+memory. With float16/bfloat16 inputs each logit is rounded to that dtype first, as the
+reference (F.linear), the recomputing backward and the engine's LM head have it: the
+trainer's logprob is then the same function as the engine's behaviour logprob, and the
+backward is the gradient of this forward. Splits (to fill the GPU when T is small) write
+partial (m, l, q, target logit), merged by an exact log-sum-exp in torch ([splits, T]
+floats). The grid runs the position tiles fastest, so the programs resident at one time
+read the same weight rows (L2 reuse). Imported lazily.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from kernels.triton_common import check_device, dot_precision, interpreted
 
 @triton.jit
 def _token_stats_kernel(h, w, bias, tgt, out_m, out_l, out_q, out_t, T, V, Hd, split_len,
-                        inv_temp, s_h, s_w, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        inv_temp, s_h, s_w, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                        BLOCK_T: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         PRECISION: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -51,6 +55,8 @@ def _token_stats_kernel(h, w, bias, tgt, out_m, out_l, out_q, out_t, T, V, Hd, s
             acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if ROUND:  # 16-bit inputs: the logits in the input dtype, as F.linear returns them
+            acc = acc.to(h.dtype.element_ty).to(tl.float32)
         z = acc * inv_temp
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -117,7 +123,8 @@ def token_stats_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
             hidden, weight, bias if bias is not None else hidden,
             targets.contiguous(), part[0], part[1], part[2], part[3], T, V, Hd, split_len,
             1.0 / temperature, hidden.stride(0), weight.stride(0), HAS_BIAS=bias is not None,
-            BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh, PRECISION=dot_precision(hidden.dtype),
+            ROUND=hidden.dtype != torch.float32, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh,
+            PRECISION=dot_precision(hidden.dtype),
             num_warps=warps, num_stages=stages)
     m, l, q, zt = part
     m_all = m.max(0).values

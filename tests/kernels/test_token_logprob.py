@@ -72,17 +72,20 @@ def test_triton_equals_reference_values_and_gradients(T, H, V, dtype, bias):
     gen = torch.Generator().manual_seed(2)
     a, c = torch.randn(T, generator=gen), torch.randn(T, generator=gen)
     temperature = 0.9
-    # reference on the float32 upcast: the kernel accumulates the fp16 products in float32
-    up = [None if t is None else t.float() for t in (hidden, weight, b)]
+    # the same function on the same inputs: with fp16 inputs both round each logit to fp16
+    # (the kernel after its float32 accumulation, the reference as F.linear returns it),
+    # so the shared backward is the gradient of either forward
     want, want_g = grads(lambda h, w, bb, t: token_logprob_entropy(
-        h, w, t, bb, temperature, impl="torch", chunk=64), *up, targets, a, c)
+        h, w, t, bb, temperature, impl="torch", chunk=64), hidden, weight, b, targets, a, c)
     got, got_g = grads(lambda h, w, bb, t: token_logprob_entropy(
         h, w, t, bb, temperature, impl="triton"), hidden, weight, b, targets, a, c)
-    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    tol = 2e-5 if dtype == torch.float32 else 5e-5
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
-    for x, y in zip(got_g, want_g):  # fp16 gradients are rounded to fp16
-        torch.testing.assert_close(x.float(), y, rtol=tol, atol=tol * 4)
+    for x, y in zip(got_g, want_g):  # fp16 gradients: within an fp16 rounding of each other
+        scale = float(y.float().abs().max())
+        torch.testing.assert_close(x.float(), y.float(), rtol=0,
+                                   atol=scale * (2e-5 if dtype == torch.float32 else 1e-3))
 
 
 def test_bad_inputs_raise_clear_errors():
