@@ -346,3 +346,49 @@ def test_nccl_channel_world_size_one_sends_through_the_protocol(qwen2):
     assert stats["buckets"] > 2
     assert stats["bytes"] == sum(p.numel() * 2 for _, p in named)
     tx.close()
+
+
+def _fake_cupy(monkeypatch, comms: list):
+    """cupy.cuda.nccl stand-ins: NcclCommunicator records (world, uid, rank)."""
+    import contextlib
+    import sys
+    import types
+
+    nccl = types.SimpleNamespace(get_unique_id=lambda: bytes(range(128)),
+                                 NcclCommunicator=lambda *a: comms.append(a) or object())
+    cuda = types.SimpleNamespace(nccl=nccl, Device=lambda i: contextlib.nullcontext())
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
+
+
+def test_nccl_channel_refuses_to_enter_nccl_init_until_every_rank_joined(monkeypatch):
+    """NCCL's own init waits forever for a rank that never comes: rank 0 alone (rank 1
+    never starts) fails within its timeout, naming rank 1, without entering it; two ranks
+    both enter it, with rank 0's unique id."""
+    import threading
+
+    from trainer.weight_sync.channel import NcclChannel
+
+    comms = []
+    _fake_cupy(monkeypatch, comms)
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"rank\(s\) \[1\] did not join"):
+        NcclChannel("127.0.0.1", free_port(), 0, 2, timeout_s=1.5, device="cuda:0")
+    assert time.monotonic() - start < 10
+    assert comms == []
+    port, errors = free_port(), []
+
+    def join(rank):
+        try:
+            NcclChannel("127.0.0.1", port, rank, 2, timeout_s=30, device="cuda:0")
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert sorted(c[2] for c in comms) == [0, 1]
+    assert all(c[:2] == (2, bytes(range(128))) for c in comms)

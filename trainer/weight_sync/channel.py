@@ -263,6 +263,15 @@ class NcclChannel(Channel):
             if rank == 0:
                 store.set("nccl_unique_id", _uid_to_bytes(nccl.get_unique_id()))
             uid = _uid_from_bytes(store.get("nccl_unique_id"))
+            # NCCL's init has no timeout: a rank that never comes would block the others
+            # in it for good, so every rank first checks in at the store, under the deadline
+            store.set(f"nccl_ready/{rank}", b"1")
+            try:
+                store.wait([f"nccl_ready/{r}" for r in range(world_size)],
+                           timedelta(seconds=max(timeout_s - (time.monotonic() - start), 0.1)))
+            except RuntimeError as err:
+                missing = [r for r in range(world_size) if not store.check([f"nccl_ready/{r}"])]
+                raise RuntimeError(f"rank(s) {missing} did not join: {err}") from err
             with cupy.cuda.Device(index):
                 self._comm = nccl.NcclCommunicator(world_size, uid, rank)
         except RuntimeError as err:
