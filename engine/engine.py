@@ -6,6 +6,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 
 from engine.attention import make_backend
@@ -21,6 +22,7 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Plan, Scheduler
 from engine.tokenizer import load_tokenizer
+from kernels.transfer import upload
 
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
 # Merged decode rows feed the sampler as they are (each row's weights once, a binary search
@@ -335,7 +337,7 @@ def _sampler_rows(logits: torch.Tensor, rows: list[Sequence], index: list[int]
     the rows expanded to one per sample for the fused sampler."""
     if len(rows) * _SHARED_ROW_SAMPLING <= len(index):
         return logits, (index, rows)
-    return logits[torch.tensor(index, device=logits.device)], None
+    return logits[upload([np.asarray(index, dtype=np.int64)], logits.device)[0]], None
 
 
 def _progress(total: int, enabled: bool):

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from kernels.transfer import upload
 
 
 class KVPool:
@@ -39,8 +40,8 @@ class KVPool:
 
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Copies whole pages src[i] -> dst[i] in every layer."""
-        s = torch.tensor(src, device=self.k.device)
-        d = torch.tensor(dst, device=self.k.device)
+        s, d = upload([np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)],
+                      self.k.device)
         self.k[:, d] = self.k[:, s]
         self.v[:, d] = self.v[:, s]
 

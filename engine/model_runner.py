@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from engine.attention import DecodeMeta, ExtendMeta
 from engine.models.decoder import DecoderLM
 from engine.request import Sequence
 from engine.scheduler import ExtendItem
+from kernels.transfer import upload
+
+# DecodeMeta's tensor fields after `slots`, in order
+_DECODE_FIELDS = ("page_table", "seq_lens", "group_rows", "prefix_pages", "prefix_lens",
+                  "suffix_pages", "suffix_lens")
 
 
-def _padded(rows: list[list[int]], device: torch.device, pad: int = 0) -> torch.Tensor:
+def _padded(rows: list[list[int]], pad: int = 0) -> list[list[int]]:
     width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.int64,
-                        device=device)
+    return [r + [pad] * (width - len(r)) for r in rows]
 
 
 class ModelRunner:
@@ -32,14 +37,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One new token per sequence -> logits float32 [B, vocab], rows in order."""
+        """One new token per sequence -> logits float32 [B, vocab], rows in order. The
+        step's inputs and metadata reach the device in one copy that does not wait on it."""
         positions = [s.num_cached for s in seqs]
-        meta = self._decode_meta(seqs, positions)
-        meta.slots = self._tensor(self._next_slots(seqs))
+        host = self._decode_meta(seqs, positions)
+        padded = host.pop("group_padded", None)
+        host["slots"] = self._next_slots(seqs)
+        host["ids"] = [s.token_ids[-1] for s in seqs]
+        host["positions"] = positions
+        names = list(host)
+        dev = dict(zip(names, upload([np.asarray(host[n], dtype=np.int64) for n in names],
+                                     self.device)))
+        meta = DecodeMeta(dev["slots"], *(dev.get(f) for f in _DECODE_FIELDS),
+                          group_padded=padded)
         self.backend.begin(meta)
-        ids, pos = self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions)
         t0 = time.perf_counter()
-        logits = self.model.logits(self.model.forward(ids, pos, self.backend))
+        logits = self.model.logits(self.model.forward(dev["ids"], dev["positions"],
+                                                      self.backend))
         self.last_model_seconds = time.perf_counter() - t0
         return logits
 
@@ -52,16 +66,16 @@ class ModelRunner:
         """After a decode step of src: copies the K and V just written at each src[i]'s
         next slot to dst[i]'s next slot (dst[i] has the same context), in every layer."""
         if src:
-            self.backend.kv.copy_slots(self._tensor(self._next_slots(src)),
-                                       self._tensor(self._next_slots(dst)))
+            self.backend.kv.copy_slots(*upload(
+                [np.asarray(self._next_slots(src), dtype=np.int64),
+                 np.asarray(self._next_slots(dst), dtype=np.int64)], self.device))
 
-    def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> DecodeMeta:
-        dev = self.device
-        meta = DecodeMeta(None, None, None, None, None, None, None, None)
+    def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> dict:
+        """The decode metadata on the host: DecodeMeta's field -> int rows (and
+        group_padded, a bool)."""
         if not self.backend.cascade:
-            meta.page_table = _padded([s.page_table for s in seqs], dev)
-            meta.seq_lens = self._tensor([p + 1 for p in positions])
-            return meta
+            return {"page_table": _padded([s.page_table for s in seqs]),
+                    "seq_lens": [p + 1 for p in positions]}
         ps = self.page_size
         groups: dict[int, list[int]] = {}
         suffix_pages, suffix_lens = [], []
@@ -71,19 +85,17 @@ class ModelRunner:
                 groups.setdefault(id(s.group), []).append(row)
             suffix_pages.append(s.page_table[shared:])
             suffix_lens.append(positions[row] + 1 - shared * ps)
+        meta: dict = {"suffix_pages": _padded(suffix_pages), "suffix_lens": suffix_lens}
         if groups:
             rows = list(groups.values())
-            meta.group_rows = _padded(rows, dev, pad=-1)
-            meta.group_padded = len({len(r) for r in rows}) > 1
-            meta.prefix_pages = _padded([seqs[r[0]].group.shared_pages for r in rows], dev)
-            meta.prefix_lens = self._tensor([seqs[r[0]].group.shared_len for r in rows])
+            meta["group_rows"] = _padded(rows, pad=-1)
+            meta["group_padded"] = len({len(r) for r in rows}) > 1
+            meta["prefix_pages"] = _padded([seqs[r[0]].group.shared_pages for r in rows])
+            meta["prefix_lens"] = [seqs[r[0]].group.shared_len for r in rows]
         else:
-            meta.group_rows = torch.empty(0, 1, dtype=torch.int64, device=dev)
-            meta.prefix_pages = torch.zeros(0, 1, dtype=torch.int64, device=dev)
-            meta.prefix_lens = torch.zeros(0, dtype=torch.int64, device=dev)
-            meta.group_padded = False
-        meta.suffix_pages = _padded(suffix_pages, dev)
-        meta.suffix_lens = self._tensor(suffix_lens)
+            meta["group_rows"] = meta["prefix_pages"] = np.zeros((0, 1), dtype=np.int64)
+            meta["prefix_lens"] = []
+            meta["group_padded"] = False
         return meta
 
     @torch.inference_mode()

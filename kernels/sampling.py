@@ -24,9 +24,12 @@ unless u * c lands within ~1e-16 of a boundary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kernels.transfer import upload
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -47,6 +50,20 @@ def row_keys(seed, request, sample, position) -> np.ndarray:
     return key
 
 
+@dataclass(frozen=True)
+class HostFlags:
+    """What the caller knows on the host about a batch's per-row parameters, so that the
+    reference samplers pick their branches without reading device values (each read is a
+    host sync on a GPU). Without it they read the parameter tensors. The float parameters
+    must be judged in float32, as the tensors hold them."""
+
+    top_k_max: int  # the largest top_k of the rows (<= 0: no row truncates by top-k)
+    top_p_rows: torch.Tensor | None  # int64 [n] rows with top_p < 1, ascending; None: none
+    min_p: bool  # some row has min_p > 0
+    greedy: bool  # some row has temperature 0
+    row_counts: list[int] | None = None  # sample_rows_ref: the samples drawing from each row
+
+
 def uniforms(keys: np.ndarray) -> np.ndarray:
     """float64 uniforms in [0, 1) from uint64 keys (their top 53 bits)."""
     return (np.asarray(keys, dtype=np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -59,23 +76,29 @@ def scaled_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tens
 
 
 def truncation_threshold_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                             min_p: torch.Tensor) -> torch.Tensor:
+                             min_p: torch.Tensor, host: HostFlags | None = None
+                             ) -> torch.Tensor:
     """Per-row threshold [B] such that tokens with z >= thr survive truncation.
 
     top-k keeps z >= the k-th largest value; top-p (applied after top-k, on renormalised
     probabilities) keeps the smallest top set whose mass reaches top_p; min-p keeps
     p >= min_p * p_max, i.e. z >= z_max + log(min_p). Ties at a threshold are kept.
+    With `host` the branches are decided from it, reading nothing from the device.
     """
     B, V = z.shape
     thr = torch.full((B,), -math.inf, dtype=z.dtype, device=z.device)
     k_on = top_k > 0
-    if bool(k_on.any()):
+    if bool(k_on.any()) if host is None else host.top_k_max > 0:
         k = top_k.clamp(1, V)
-        kth = torch.topk(z, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
+        k_max = int(k.max()) if host is None else min(max(host.top_k_max, 1), V)
+        kth = torch.topk(z, k_max, dim=-1).values.gather(1, (k - 1)[:, None])[:, 0]
         thr = torch.where(k_on, kth, thr)
-    p_on = top_p < 1.0
-    if bool(p_on.any()):
-        rows = p_on.nonzero()[:, 0]
+    if host is None:
+        p_on = top_p < 1.0
+        rows = p_on.nonzero()[:, 0] if bool(p_on.any()) else None
+    else:
+        rows = host.top_p_rows
+    if rows is not None:
         zr = z[rows]
         zr = torch.where(zr >= thr[rows, None], zr, torch.full_like(zr, -math.inf))
         sorted_z, _ = torch.sort(zr, dim=-1, descending=True)
@@ -83,7 +106,7 @@ def truncation_threshold_ref(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.
         idx = torch.searchsorted(cum, top_p[rows].to(cum.dtype)[:, None]).clamp(max=V - 1)
         thr[rows] = torch.maximum(thr[rows], sorted_z.gather(1, idx)[:, 0])
     m_on = min_p > 0
-    if bool(m_on.any()):
+    if bool(m_on.any()) if host is None else host.min_p:
         zmax = z.max(dim=-1).values
         thr = torch.where(m_on, torch.maximum(thr, zmax + torch.log(min_p.to(z.dtype))), thr)
     return thr
@@ -93,7 +116,7 @@ def inverse_cdf_ref(z: torch.Tensor, thr: torch.Tensor,
                     keys: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens drawn by the definition above, and float64 log-sum-exp of z per row."""
     c, lse = _cumulative_weights(z, thr)
-    u = torch.from_numpy(uniforms(keys)).to(z.device)
+    u = upload([uniforms(keys)], z.device)[0]
     target = (u * c[:, -1])[:, None]
     tokens = (c <= target).sum(-1).clamp(max=z.shape[1] - 1)
     return tokens, lse
@@ -112,39 +135,43 @@ def _cumulative_weights(z: torch.Tensor, thr: torch.Tensor
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                top_p: torch.Tensor, min_p: torch.Tensor, keys: np.ndarray,
-               banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               banned: torch.Tensor | None = None, host: HostFlags | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference sampler. logits [B, V]; per-row parameters [B]; keys uint64 [B];
-    banned [B, V] bool (tokens that may not be drawn, e.g. EOS before min_tokens).
+    banned [B, V] bool (tokens that may not be drawn, e.g. EOS before min_tokens); host:
+    the parameters' `HostFlags` (then no device value is read).
     Returns (tokens int64 [B], behaviour logprobs float32 [B])."""
-    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned, host)
     tokens, lse = inverse_cdf_ref(zb, thr, keys)
     if banned is not None:
         lse = _lse64(z)
-    return _finish(logits, z, zb, temperature, tokens, lse)
+    return _finish(logits, z, zb, temperature, tokens, lse, host)
 
 
 def sample_rows_ref(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
                     top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                    keys: np.ndarray, banned: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    keys: np.ndarray, banned: torch.Tensor | None = None,
+                    host: HostFlags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The draws of samples that share rows of logits (identical contexts): logits [R, V]
     with per-row parameters [R] and banned [R, V]; rows int64 [B], each sample's row;
     keys uint64 [B], one per sample. Returns what `sample_ref` returns for logits[rows],
     params[rows], banned[rows] and keys, while each row's truncation, weights and
-    cumulative sums are computed once and each sample costs a binary search."""
+    cumulative sums are computed once and each sample costs a binary search. host: the
+    parameters' `HostFlags` with row_counts (then no device value is read)."""
     if logits.dim() != 2 or rows.dim() != 1 or len(keys) != rows.shape[0]:
         raise ValueError(f"need logits [R, V], rows [B] and B keys, got {tuple(logits.shape)}, "
                          f"{tuple(rows.shape)} and {len(keys)} keys")
     V = logits.shape[1]
-    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned, host)
     c, lse = _cumulative_weights(zb, thr)
     if banned is not None:
         lse = _lse64(z)
-    u = torch.from_numpy(uniforms(keys)).to(logits.device)
+    u = upload([uniforms(keys)], logits.device)[0]
     target = u * c[rows, -1]
     tokens = torch.empty(rows.shape, dtype=torch.int64, device=logits.device)
     order = torch.argsort(rows, stable=True)
-    counts = torch.bincount(rows, minlength=logits.shape[0]).tolist()
+    counts = (torch.bincount(rows, minlength=logits.shape[0]).tolist()
+              if host is None or host.row_counts is None else host.row_counts)
     start = 0
     for r, count in enumerate(counts):  # c[r] is sorted: #{c_i <= t} is a binary search
         if count:
@@ -153,25 +180,25 @@ def sample_rows_ref(logits: torch.Tensor, rows: torch.Tensor, temperature: torch
             start += count
     tokens = tokens.clamp(max=V - 1)
     greedy = temperature == 0
-    if bool(greedy.any()):
+    if bool(greedy.any()) if host is None else host.greedy:
         tokens = torch.where(greedy[rows], zb.argmax(dim=-1)[rows], tokens)
     logprobs = (z[rows, tokens].double() - lse[rows]).float()
     return tokens, logprobs
 
 
-def _prepare(logits, temperature, top_k, top_p, min_p, banned):
+def _prepare(logits, temperature, top_k, top_p, min_p, banned, host=None):
     z = scaled_logits(logits, temperature)
     zb = z if banned is None else z.masked_fill(banned, -math.inf)
-    return z, zb, truncation_threshold_ref(zb, top_k, top_p, min_p)
+    return z, zb, truncation_threshold_ref(zb, top_k, top_p, min_p, host)
 
 
 def _lse64(z: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(z.double(), dim=-1)
 
 
-def _finish(logits, z, zb, temperature, tokens, lse):
+def _finish(logits, z, zb, temperature, tokens, lse, host=None):
     greedy = temperature == 0
-    if bool(greedy.any()):
+    if bool(greedy.any()) if host is None else host.greedy:
         tokens = torch.where(greedy, zb.argmax(dim=-1), tokens)
     logprobs = (z.gather(1, tokens[:, None])[:, 0].double() - lse).float()
     return tokens, logprobs
@@ -179,11 +206,12 @@ def _finish(logits, z, zb, temperature, tokens, lse):
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, keys: np.ndarray,
-           banned: torch.Tensor | None = None, impl: str = "auto"
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           banned: torch.Tensor | None = None, impl: str = "auto",
+           host: HostFlags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `sample_ref`. impl: "auto" (the fused Triton kernel on CUDA when
     triton imports, numba on CPU when installed, else the reference), "torch", "numba" or
-    "triton"."""
+    "triton". host: the parameters' `HostFlags`, for the reference (the fused kernels
+    read no device values anyway)."""
     if impl not in ("auto", "torch", "numba", "triton"):
         raise ValueError(f"unknown sampling impl {impl!r}; supported: auto, torch, numba, "
                          f"triton")
@@ -197,7 +225,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
         return sample_triton(logits, temperature, top_k, top_p, min_p, keys, banned)
     if impl == "torch":
-        return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned)
+        return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned, host)
     from kernels.sampling_numba import sample_numba
 
     truncating = bool((top_k > 0).any() or (top_p < 1.0).any() or (min_p > 0).any())

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.sampling import uniforms
+from kernels.transfer import upload
 from kernels.triton_common import check_float
 
 BLOCK = 1024  # tokens per block of the sum and walk passes
@@ -236,7 +237,7 @@ def sample_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
             raise ValueError(f"banned must be a bool [{B}, {V}] tensor on {dev}, got "
                              f"{banned.dtype} {tuple(banned.shape)} on {banned.device}")
         banned = banned.contiguous().view(torch.uint8)
-    u = torch.from_numpy(uniforms(keys)).to(dev)
+    u = upload([uniforms(keys)], dev)[0]  # queued: the host does not wait
     min_p = min_p.float()
     log_min_p = torch.where(min_p > 0, torch.log(min_p), torch.full_like(min_p, -torch.inf))
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
