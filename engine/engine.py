@@ -205,7 +205,10 @@ class Engine:
                 item.target.merged_with = None
                 resumed.append(item.target)
                 rows.append(i)
-        return self._append(logits[rows], resumed) if resumed else 0
+        if not resumed:
+            return 0
+        return self._append(logits[upload([np.asarray(rows, dtype=np.int64)],
+                                          logits.device)[0]], resumed)
 
     def _decode(self, seqs: list[Sequence]) -> int:
         t0 = time.perf_counter()

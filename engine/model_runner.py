@@ -32,9 +32,6 @@ class ModelRunner:
         self.device = model.device
         self.last_model_seconds = 0.0  # forward + LM head of the last decode step
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
-
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One new token per sequence -> logits float32 [B, vocab], rows in order. The
@@ -101,19 +98,26 @@ class ModelRunner:
     @torch.inference_mode()
     def extend(self, items: list[ExtendItem]) -> torch.Tensor:
         """Computes each item's tokens -> logits float32 [len(items), vocab] at each
-        item's last position."""
-        ps, dev = self.page_size, self.device
-        ids, positions, slots, tables, last = [], [], [], [], []
+        item's last position. Ids, positions, KV slots, page tables and the rows to keep
+        are computed on the host and reach the device in one copy that does not wait."""
+        ps = self.page_size
+        ids, positions, slots, last = [], [], [], []
         for it in items:
-            pos = torch.arange(it.start, it.start + len(it.token_ids), device=dev)
-            table = self._tensor(it.page_table)
+            pos = np.arange(it.start, it.start + len(it.token_ids), dtype=np.int64)
+            table = np.asarray(it.page_table, dtype=np.int64)
             ids.extend(it.token_ids)
             positions.append(pos)
             slots.append(table[pos // ps] * ps + pos % ps)
-            tables.append(table)
             last.append(len(ids) - 1)
-        meta = ExtendMeta(torch.cat(slots), tables, [it.start for it in items],
-                          [len(it.token_ids) for it in items])
+        widths = [len(it.page_table) for it in items]
+        tables = np.zeros((len(items), max(widths, default=0)), dtype=np.int64)
+        for row, it in enumerate(items):
+            tables[row, :widths[row]] = it.page_table
+        d_ids, d_pos, d_slots, d_last, d_tables = upload(
+            [np.asarray(ids, dtype=np.int64), np.concatenate(positions),
+             np.concatenate(slots), np.asarray(last, dtype=np.int64), tables], self.device)
+        meta = ExtendMeta(d_slots, [d_tables[row, :w] for row, w in enumerate(widths)],
+                          [it.start for it in items], [len(it.token_ids) for it in items])
         self.backend.begin(meta)
-        hidden = self.model.forward(self._tensor(ids), torch.cat(positions), self.backend)
-        return self.model.logits(hidden[self._tensor(last)])
+        hidden = self.model.forward(d_ids, d_pos, self.backend)
+        return self.model.logits(hidden[d_last])

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from kernels.transfer import upload
 from kernels.triton_common import LOG2E, check_cache, check_int, dot_precision
 
 EXTEND_BLOCK_M = 32  # new tokens per program
@@ -59,10 +61,11 @@ def pack_extend_meta(page_tables: list[torch.Tensor], prefix_lens: list[int],
     for p, c, t in zip(page_tables, prefix_lens, extend_lens):
         if c + t:
             need = max(need, triton.cdiv(c + t, p.numel()) if p.numel() else _NO_PAGES)
-    return ExtendPacked(table, torch.tensor(prefix_lens, dtype=torch.int32, device=device),
-                        torch.tensor(extend_lens, dtype=torch.int32, device=device),
-                        torch.tensor(starts, dtype=torch.int64, device=device),
-                        max(extend_lens), sum(extend_lens), need)
+    prefix, extend, first = upload([np.asarray(prefix_lens, dtype=np.int32),
+                                    np.asarray(extend_lens, dtype=np.int32),
+                                    np.asarray(starts, dtype=np.int64)], device)
+    return ExtendPacked(table, prefix, extend, first, max(extend_lens), sum(extend_lens),
+                        need)
 
 
 @triton.jit

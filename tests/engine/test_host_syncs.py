@@ -137,8 +137,9 @@ def _gpu_path_engine(path, monkeypatch, **options) -> Engine:
     return engine
 
 
-def _count_decode_steps(engine: Engine, monkeypatch, prompts, params):
-    """Runs generate; returns the tokens and, for each decode-only step, its events."""
+def _count_decode_steps(engine: Engine, monkeypatch, prompts, params, kind="decode"):
+    """Runs generate; returns the tokens and, for each decode-only step (kind "extend":
+    each step that prefilled), its events."""
     from triton.runtime import interpreter
 
     counter = SyncCounter()
@@ -166,9 +167,12 @@ def _count_decode_steps(engine: Engine, monkeypatch, prompts, params):
         with counter:
             done = step()
         after = engine._counters
-        if (after["decode_steps"] > before["decode_steps"]
-                and after["extend_steps"] == before["extend_steps"]
-                and after["samples"] >= before["samples"]):
+        extended = after["extend_steps"] > before["extend_steps"]
+        if kind == "extend" and extended:
+            steps.append(list(counter.events))
+        elif (kind == "decode" and not extended
+              and after["decode_steps"] > before["decode_steps"]
+              and after["samples"] >= before["samples"]):
             steps.append(list(counter.events))
         return done
 
@@ -221,6 +225,19 @@ def test_decode_step_syncs_do_not_grow_with_layers(models, monkeypatch, scenario
             assert [w for k, w in events if k == "d2h"][0].startswith("cpu @ engine/sampler.py")
         counts[layers] = [_kinds(s) for s in steps]
     assert counts[2] == counts[4]
+
+
+def test_prefill_step_copies_to_the_device_once_whatever_its_prompts(models, monkeypatch):
+    """A step that prefills one prompt or three (each with its own page table) waits on
+    nothing: its ids, positions, slots, page tables and kept rows go up in one copy, and
+    the Triton extend metadata in one more."""
+    prompts = [list(range(3, 14)), list(range(20, 28)), list(range(30, 45))]
+    params = SamplingParams(n=2, max_tokens=2, temperature=0.0, ignore_eos=True)
+    for batch in (prompts[:1], prompts):
+        engine = _gpu_path_engine(models[2], monkeypatch)
+        _, steps = _count_decode_steps(engine, monkeypatch, batch, params, kind="extend")
+        assert len(steps) == 1, "the prompts should prefill in one step"
+        assert _kinds(steps[0]) == {"h2d_async": 2}, steps[0]
 
 
 def test_the_counter_sees_the_syncs_it_claims_to():
