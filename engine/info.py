@@ -71,6 +71,9 @@ def collect(device: str | None = None, dtype: str = "float32") -> dict:
     return {
         "python": platform.python_version(),
         **{name: package_version(name) for name in PACKAGES},
+        # the imported build's own string (2.11.0+cu130): a PyPI CUDA wheel's metadata
+        # drops the local tag (2.11.0); the key keeps its place in the order above
+        "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,

@@ -1,5 +1,6 @@
 """Input checks and launch heuristics shared by the Triton kernels (kernels/*_triton.py).
-Imports no triton itself."""
+Imports triton only under TRITON_INTERPRET=1, to mend its interpreter where needed
+(`_mend_interpreter_index`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,53 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def interpreted() -> bool:
     """Whether Triton runs under its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mend_interpreter_index() -> bool:
+    """Triton's interpreter (3.6 and older) turns a scalar tensor into a Python int (a loop
+    bound: `range(start, end, BLOCK)`) with `int(data)` on a 1-element 1-d array, which
+    numpy 2.5 refuses (TypeError); later Triton squeezes first. Where the installed pair
+    refuses, the interpreter's tensor patch gets the squeezing `__index__`. Checked by
+    behaviour, not by version; True when it mended."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    scope_cls = getattr(interpreter, "_LangPatchScope", None)
+    if patch is None or scope_cls is None or getattr(patch, "_brorl_mended", False):
+        return False
+
+    class Probe:
+        pass
+
+    scope = scope_cls()
+    try:
+        patch(Probe, scope)
+        index = Probe.__dict__.get("__index__")
+        probe = Probe()
+        probe.handle = type("Handle", (), {"data": np.array([3], dtype=np.int32)})()
+        if index is None or index(probe) == 3:
+            return False
+    except TypeError:
+        pass
+    except Exception:  # noqa: BLE001 - an interpreter of another shape: leave it alone
+        return False
+    finally:
+        scope.restore()
+
+    def mended(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    mended._brorl_mended = True
+    interpreter._patch_lang_tensor = mended
+    return True
+
+
+if interpreted():
+    _mend_interpreter_index()
 
 
 def check_device(name: str, t: torch.Tensor) -> None:
