@@ -24,6 +24,7 @@ copies of kernel arguments are not counted (on CUDA a launch copies nothing).
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ from engine import Engine, SamplingParams
 from tests.helpers import make_checkpoint
 
 triton = pytest.importorskip("triton")
+
+ROOT = str(Path(__file__).resolve().parents[2]) + "/"  # the checkout, wherever it lies
 
 _D2H = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu",
         "__array__", "__repr__", "__format__", "__str__", "nonzero", "argwhere",
@@ -70,9 +73,9 @@ class SyncCounter(TorchFunctionMode):
         import traceback
 
         frames = [f for f in traceback.extract_stack()[:-2]
-                  if "/work/main/" in f.filename and "/tests/" not in f.filename
+                  if f.filename.startswith(ROOT) and not f.filename[len(ROOT):].startswith("tests/")
                   and not f.filename.endswith("kernels/transfer.py")]
-        where = f"{frames[-1].filename.split('/work/main/')[-1]}:{frames[-1].lineno}" \
+        where = f"{frames[-1].filename[len(ROOT):]}:{frames[-1].lineno}" \
             if frames else "?"
         self.events.append((kind, f"{name} @ {where}"))
 
