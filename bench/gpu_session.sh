@@ -63,7 +63,7 @@ torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__,
 export -f setup
 export PY PYTHONPATH=/tmp/site:$PYTHONPATH
 step setup 60 setup
-step build 150 $PY setup.py build_ext --inplace
+step build 150 $PY setup.py build_ext --inplace -j 8
 $PY -m engine.info --json > "$OUT/info.json" 2>&1
 TIMEOUT_FLAG=()
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(--timeout=90)
