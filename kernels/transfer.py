@@ -22,7 +22,7 @@ def upload(arrays: Sequence, device: torch.device | str) -> list[torch.Tensor]:
     them), with its dtype and shape: views of one device buffer filled by one copy that
     does not wait for the device on CUDA."""
     device = torch.device(device)
-    arrays = [np.ascontiguousarray(a) for a in arrays]
+    arrays = [np.asarray(a, order="C") for a in arrays]  # 0-d stays 0-d (ascontiguousarray: 1-d)
     offsets, total = [], 0
     for a in arrays:
         offsets.append(total)
