@@ -64,7 +64,7 @@ export -f setup
 export PY PYTHONPATH=/tmp/site:$PYTHONPATH
 step setup 60 setup
 step build 150 $PY setup.py build_ext --inplace -j 8
-$PY -m engine.info --json > "$OUT/info.json" 2>&1
+$PY -m engine.info --json > "$OUT/info.json" 2> "$OUT/info.log"
 TIMEOUT_FLAG=()
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(--timeout=90)
 # the real Triton compiler, not the interpreter that tests/conftest.py picks by default
