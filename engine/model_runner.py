@@ -37,8 +37,7 @@ class ModelRunner:
         """One new token per sequence -> logits float32 [B, vocab], rows in order. The
         step's inputs and metadata reach the device in one copy that does not wait on it."""
         positions = [s.num_cached for s in seqs]
-        host = self._decode_meta(seqs, positions)
-        padded = host.pop("group_padded", None)
+        host, padded = self._decode_meta(seqs, positions)
         host["slots"] = self._next_slots(seqs)
         host["ids"] = [s.token_ids[-1] for s in seqs]
         host["positions"] = positions
@@ -67,12 +66,13 @@ class ModelRunner:
                 [np.asarray(self._next_slots(src), dtype=np.int64),
                  np.asarray(self._next_slots(dst), dtype=np.int64)], self.device))
 
-    def _decode_meta(self, seqs: list[Sequence], positions: list[int]) -> dict:
-        """The decode metadata on the host: DecodeMeta's field -> int rows (and
-        group_padded, a bool)."""
+    def _decode_meta(self, seqs: list[Sequence], positions: list[int]
+                     ) -> tuple[dict, bool | None]:
+        """The decode metadata on the host: (DecodeMeta's field -> int rows,
+        group_padded)."""
         if not self.backend.cascade:
             return {"page_table": _padded([s.page_table for s in seqs]),
-                    "seq_lens": [p + 1 for p in positions]}
+                    "seq_lens": [p + 1 for p in positions]}, None
         ps = self.page_size
         groups: dict[int, list[int]] = {}
         suffix_pages, suffix_lens = [], []
@@ -86,14 +86,12 @@ class ModelRunner:
         if groups:
             rows = list(groups.values())
             meta["group_rows"] = _padded(rows, pad=-1)
-            meta["group_padded"] = len({len(r) for r in rows}) > 1
             meta["prefix_pages"] = _padded([seqs[r[0]].group.shared_pages for r in rows])
             meta["prefix_lens"] = [seqs[r[0]].group.shared_len for r in rows]
-        else:
-            meta["group_rows"] = meta["prefix_pages"] = np.zeros((0, 1), dtype=np.int64)
-            meta["prefix_lens"] = []
-            meta["group_padded"] = False
-        return meta
+            return meta, len({len(r) for r in rows}) > 1
+        meta["group_rows"] = meta["prefix_pages"] = np.zeros((0, 1), dtype=np.int64)
+        meta["prefix_lens"] = []
+        return meta, False
 
     @torch.inference_mode()
     def extend(self, items: list[ExtendItem]) -> torch.Tensor:
@@ -101,18 +99,17 @@ class ModelRunner:
         item's last position. Ids, positions, KV slots, page tables and the rows to keep
         are computed on the host and reach the device in one copy that does not wait."""
         ps = self.page_size
+        widths = [len(it.page_table) for it in items]
+        tables = np.zeros((len(items), max(widths, default=0)), dtype=np.int64)
         ids, positions, slots, last = [], [], [], []
-        for it in items:
+        for row, it in enumerate(items):
+            table = tables[row, :widths[row]]
+            table[:] = it.page_table
             pos = np.arange(it.start, it.start + len(it.token_ids), dtype=np.int64)
-            table = np.asarray(it.page_table, dtype=np.int64)
             ids.extend(it.token_ids)
             positions.append(pos)
             slots.append(table[pos // ps] * ps + pos % ps)
             last.append(len(ids) - 1)
-        widths = [len(it.page_table) for it in items]
-        tables = np.zeros((len(items), max(widths, default=0)), dtype=np.int64)
-        for row, it in enumerate(items):
-            tables[row, :widths[row]] = it.page_table
         d_ids, d_pos, d_slots, d_last, d_tables = upload(
             [np.asarray(ids, dtype=np.int64), np.concatenate(positions),
              np.concatenate(slots), np.asarray(last, dtype=np.int64), tables], self.device)

@@ -210,8 +210,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            host: HostFlags | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `sample_ref`. impl: "auto" (the fused Triton kernel on CUDA when
     triton imports, numba on CPU when installed, else the reference), "torch", "numba" or
-    "triton". host: the parameters' `HostFlags`, for the reference (the fused kernels
-    read no device values anyway)."""
+    "triton". host: the parameters' `HostFlags`, for the reference and numba's truncation
+    (the fused Triton kernel reads no device values anyway)."""
     if impl not in ("auto", "torch", "numba", "triton"):
         raise ValueError(f"unknown sampling impl {impl!r}; supported: auto, torch, numba, "
                          f"triton")
@@ -228,11 +228,14 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned, host)
     from kernels.sampling_numba import sample_numba
 
-    truncating = bool((top_k > 0).any() or (top_p < 1.0).any() or (min_p > 0).any())
+    if host is None:
+        truncating = bool((top_k > 0).any() or (top_p < 1.0).any() or (min_p > 0).any())
+    else:
+        truncating = host.top_k_max > 0 or host.top_p_rows is not None or host.min_p
     if banned is None and not truncating:  # the common case: one fused pass over raw logits
         tokens, _, logprobs = sample_numba(logits.float(), temperature, None, keys)
         return tokens, logprobs
-    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned)
+    z, zb, thr = _prepare(logits, temperature, top_k, top_p, min_p, banned, host)
     greedy = temperature == 0
     tokens, lse, logprobs = sample_numba(zb, torch.where(greedy, 0.0, 1.0), thr, keys)
     if banned is not None:

@@ -276,10 +276,13 @@ def _flags(temperature, top_k, top_p, min_p, rows=None, num_rows=0):
 
 @pytest.mark.parametrize("ban", [False, True])
 def test_host_flags_take_the_branches_the_device_values_take(ban):
-    """The reference samplers given HostFlags (the engine's sampler builds them from the
-    host's parameters) draw the same tokens and logprobs, bit for bit, as when they read
-    the parameter tensors; including batches where no row truncates."""
-    from kernels.sampling import row_keys, sample_ref, sample_rows_ref
+    """The reference samplers (and numba's, which takes its truncation branch from them)
+    given HostFlags (the engine's sampler builds them from the host's parameters) draw the
+    same tokens and logprobs, bit for bit, as when they read the parameter tensors;
+    including batches where no row truncates."""
+    import importlib.util
+
+    from kernels.sampling import row_keys, sample, sample_ref, sample_rows_ref
 
     torch.manual_seed(3)
     R, V = 8, 300
@@ -299,6 +302,11 @@ def test_host_flags_take_the_branches_the_device_values_take(ban):
         ref = sample_ref(logits, *p, keys[:R], banned)
         got = sample_ref(logits, *p, keys[:R], banned, host=_flags(*p))
         assert all(torch.equal(a, b) for a, b in zip(ref, got))
+        if importlib.util.find_spec("numba") is not None:  # numba's truncation branch
+            flat = logits * 0.2  # where truncation moves the draws
+            ref = sample(flat, *p, keys[:R], banned, impl="numba")
+            got = sample(flat, *p, keys[:R], banned, impl="numba", host=_flags(*p))
+            assert all(torch.equal(a, b) for a, b in zip(ref, got))
         ref = sample_rows_ref(logits, rows, *p, keys, banned)
         got = sample_rows_ref(logits, rows, *p, keys, banned,
                               host=_flags(*p, rows=rows, num_rows=R))
