@@ -12,13 +12,22 @@ from numba import njit, prange
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _paged_decode_kernel(q, kc, vc, pt, lens, scale, out, lse):
+def _paged_decode_kernel(q, kc, vc, pt, lens, scale, out, lse, bad):
     B, H, D = q.shape
-    PS, HKV = kc.shape[1], kc.shape[2]
+    NP, PS, HKV = kc.shape[0], kc.shape[1], kc.shape[2]
     R = H // HKV
     for bg in prange(B * HKV):
         b, g = bg // HKV, bg % HKV
         n = lens[b]
+        # bounds of what this row reads, checked before it reads: bad[b] = 1 for a length
+        # outside its table, 2 for a page id outside the pool (the launcher raises)
+        if n < 0 or n > pt.shape[1] * PS:
+            bad[b] = 1
+            n = 0
+        for p in range((n + PS - 1) // PS):
+            if pt[b, p] < 0 or pt[b, p] >= NP:
+                bad[b] = 2
+                n = 0
         if n == 0:
             for j in range(R):
                 out[b, g * R + j, :] = 0.0
@@ -54,8 +63,7 @@ def _paged_decode_kernel(q, kc, vc, pt, lens, scale, out, lse):
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   page_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
-    """Everything the kernel trusts (it has no bounds checks: a page id or a length out of
-    range would read outside the arrays): one vectorised min/max per index tensor."""
+    """Dtypes, devices and shapes; the kernel checks the page ids and lengths it reads."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != torch.float32 or t.device.type != "cpu":
             raise ValueError(f"numba decode attention needs float32 CPU tensors, {name} is "
@@ -78,16 +86,6 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if page_table.dim() != 2 or page_table.shape[0] != B or seq_lens.shape != (B,):
         raise ValueError(f"need page_table [{B}, P] and seq_lens [{B}], got "
                          f"{tuple(page_table.shape)} and {tuple(seq_lens.shape)}")
-    if page_table.numel():
-        lo, hi = torch.aminmax(page_table)
-        if lo < 0 or hi >= num_pages:
-            raise IndexError(f"page_table holds ids in [{int(lo)}, {int(hi)}], outside "
-                             f"[0, {num_pages})")
-    if B:
-        lo, hi = torch.aminmax(seq_lens)
-        if lo < 0 or hi > page_table.shape[1] * ps:
-            raise ValueError(f"seq_lens in [{int(lo)}, {int(hi)}] outside [0, pages * "
-                             f"page_size = {page_table.shape[1] * ps}]")
 
 
 def paged_decode_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -100,10 +98,25 @@ def paged_decode_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     B, H, D = q.shape
     out = np.empty((B, H, D), dtype=np.float32)
     lse = np.empty((B, H), dtype=np.float32)
+    bad = np.zeros(B, dtype=np.int8)
     # int64 index arrays: one compiled signature whatever integer type the caller used
+    table = page_table.to(torch.int64).contiguous().numpy()
+    lens = seq_lens.to(torch.int64).contiguous().numpy()
     _paged_decode_kernel(q.detach().contiguous().numpy(), k_cache.detach().numpy(),
-                         v_cache.detach().numpy(),
-                         page_table.to(torch.int64).contiguous().numpy(),
-                         seq_lens.to(torch.int64).contiguous().numpy(),
-                         np.float32(scale), out, lse)
+                         v_cache.detach().numpy(), table, lens, np.float32(scale), out, lse,
+                         bad)
+    if bad.any():
+        _raise_bounds(bad, table, lens, k_cache.shape[0], k_cache.shape[1])
     return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+def _raise_bounds(bad: np.ndarray, table: np.ndarray, lens: np.ndarray, num_pages: int,
+                  page_size: int) -> None:
+    """The error for the first row the kernel refused to read (see `bad` there)."""
+    b = int(np.flatnonzero(bad)[0])
+    if bad[b] == 1:
+        raise ValueError(f"seq_lens[{b}] = {int(lens[b])} outside [0, pages * page_size = "
+                         f"{table.shape[1] * page_size}]")
+    ids = table[b, :-(-int(lens[b]) // page_size)]
+    raise IndexError(f"page_table row {b} holds ids in [{int(ids.min())}, {int(ids.max())}], "
+                     f"outside [0, {num_pages})")

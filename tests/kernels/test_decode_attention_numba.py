@@ -78,13 +78,19 @@ def test_numba_paged_decode_fuzz_matches_reference(seed):
 
 
 def test_numba_paged_decode_rejects_out_of_range_pages_and_lengths():
-    """These used to read outside the arrays (segfaults or garbage): the kernel has no
-    bounds checks, so the launcher checks (subprocess variants: tests/csrc/test_fuzz_ext)."""
+    """These used to read outside the arrays (segfaults or garbage): the kernel checks the
+    page ids and length of each row before it reads them, and the launcher raises
+    (subprocess variants: tests/csrc/test_fuzz_ext)."""
     q, k = torch.randn(2, 4, 8), torch.randn(10, 4, 2, 8)
     table, lens = torch.tensor([[0, 1], [2, 3]]), torch.tensor([5, 8])
-    with pytest.raises(IndexError, match="page_table"):
+    with pytest.raises(IndexError, match=r"page_table row 0 holds ids in \[0, 10\]"):
         paged_decode_numba(q, k, k, torch.tensor([[0, 10], [2, 3]]), lens, 1.0)
-    with pytest.raises(ValueError, match="seq_lens"):
+    # a padding entry past the row's length is never read, so it is not refused
+    got, _ = paged_decode_numba(q, k, k, torch.tensor([[0, 99], [2, 3]]), torch.tensor([4, 8]),
+                                1.0)
+    want, _ = paged_decode_numba(q, k, k, table, torch.tensor([4, 8]), 1.0)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"seq_lens\[1\] = 9"):
         paged_decode_numba(q, k, k, table, torch.tensor([5, 9]), 1.0)
     with pytest.raises(ValueError, match="page_table"):
         paged_decode_numba(q, k, k, table[:1], lens, 1.0)
