@@ -118,8 +118,9 @@ class RolloutConfig:
                                                    "(None: 1e-3 in float32, 0.1 in 16-bit)")
 
     def __post_init__(self) -> None:
-        _positive(self, "n", "prompts_per_step", "max_tokens", "page_size",
-                  "weight_sync_bucket_mb", "weight_sync_timeout_s")
+        # n and max_tokens are checked below (n >= 2) and by the engine's SamplingParams
+        _positive(self, "prompts_per_step", "page_size", "weight_sync_bucket_mb",
+                  "weight_sync_timeout_s")
         _choice(self, "weight_sync_transport", ("auto", "inprocess", "gloo", "nccl"))
         if self.n < 2:
             raise ValueError(f"rollout.n must be >= 2, got {self.n}: every advantage "
@@ -224,7 +225,7 @@ class EvalConfig:
     greedy: bool = _f(True, "also score one greedy answer per problem (eval/greedy)")
 
     def __post_init__(self) -> None:
-        _positive(self, "k", "max_tokens")
+        _positive(self, "k")  # named here: SamplingParams would call it n
         _sampling("eval", n=self.k, temperature=self.temperature, top_p=self.top_p,
                   max_tokens=self.max_tokens)
 

@@ -34,7 +34,10 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("rollout.n=abc", "rollout.n must be int"), ("rollout.n=0", "n must be > 0"),
+    ("rollout.n=abc", "rollout.n must be int"), ("rollout.n=0", "rollout.n must be >= 2, got 0"),
+    ("rollout.max_tokens=0", "rollout: max_tokens must be an integer >= 1, got 0"),
+    ("eval.max_tokens=-1", "eval: max_tokens must be an integer >= 1, got -1"),
+    ("eval.k=0", "EvalConfig.k must be > 0"),
     ("rollout.n=1", "rollout.n must be >= 2, got 1: .*a group of one has advantage 0"),
     ("algorithm.advantage", "not of the form key=value"), ("steps=1.5", "steps must be int"),
     ("algorithm.tis=clip", "tis must be one of"), ("optim.lr=fast", "optim.lr must be float"),
