@@ -8,13 +8,14 @@ classes stay the reference the C++ ones are tested against (tests/csrc/test_cach
 
 Differences, all on caller errors the Python classes only `assert` or let through: the
 C++ ones raise ValueError for incref/decref of a free page, unlock without a lock, a stale
-node handle, a negative count, and an insert that would adopt a page already cached (under
-any key) or listed twice (Python caches it twice and only check_integrity notices); an
+node handle and a negative count; an
 evict or flush that meets a page whose cache reference the caller dropped raises
 ValueError and leaves that node (flush: the whole tree) as it was; IndexError for a page
 outside the pool; TypeError for a token or page that is not an int. They change nothing
 when they raise (Python's decref has already dropped the references before the bad
-page), except that a refused insert has done its match_prefix (LRU times, a split).
+page). Both refuse, with the same ValueError, an insert that would adopt a page already
+cached (under any key) or listed twice; that refused insert has done its match_prefix
+(LRU times, a split).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Contract (what each method mutates):
   eviction. Whoever uses cached pages locks the deepest node it uses.
 - `insert(ids, pages)`: adds the prefix; the cache takes its own reference to the pages it
   adopts. Where the prefix was already cached the caller's pages are not adopted: the
-  returned page list is the canonical one, and the caller drops its duplicates.
+  returned page list is the canonical one, and the caller drops its duplicates. A page to
+  adopt that is cached already (under any key) or listed twice is refused (ValueError,
+  after the match_prefix; nothing else changes): one page holds one prefix's KV.
 - `evict(n)`: frees at least n pages if it can, least recently used unlocked leaves first.
 - `flush()`: drops every node (after a weight update the cached KV is stale).
 """
@@ -45,6 +47,7 @@ class RadixCache:
         self._handles: Counter = Counter()
         self.num_cached_pages = 0
         self.num_evictable_pages = 0
+        self._cached: set[int] = set()  # every page a node holds
 
     # -- lookup ------------------------------------------------------------------------
     def match_prefix(self, token_ids) -> tuple[list[int], RadixNode]:
@@ -100,6 +103,12 @@ class RadixCache:
         i = len(cached)
         if i == len(pages):
             return cached, node
+        fresh = set(pages[i:])
+        if len(fresh) < len(pages) - i or not fresh.isdisjoint(self._cached):
+            bad = next(p for k, p in enumerate(pages[i:], i)
+                       if p in self._cached or p in pages[i:k])
+            raise ValueError(f"insert of page {bad}, which is cached already or listed twice")
+        self._cached |= fresh
         new = RadixNode(tuple(token_ids[i * ps:]), list(pages[i:]), node)
         new.last_access = next(self._clock)
         node.children[new.key[:ps]] = new
@@ -142,6 +151,7 @@ class RadixCache:
             del parent.children[node.key[:self.page_size]]
             self.num_cached_pages -= len(node.pages)
             self.num_evictable_pages -= len(node.pages)
+            self._cached.difference_update(node.pages)
             freed += self.allocator.decref(node.pages)
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(leaves, (parent.last_access, id(parent), parent))
@@ -154,6 +164,7 @@ class RadixCache:
         for node in self._nodes():
             self.allocator.decref(node.pages)
         self.root.children = {}
+        self._cached.clear()
         self.num_cached_pages = self.num_evictable_pages = 0
 
     # -- checks ------------------------------------------------------------------------
@@ -194,4 +205,5 @@ class RadixCache:
             cached += len(node.pages)
             evictable += len(node.pages) if node.lock_ref == 0 else 0
         assert cached == self.num_cached_pages, "num_cached_pages out of sync"
+        assert seen == self._cached, "cached-page set out of sync"
         assert evictable == self.num_evictable_pages, "num_evictable_pages out of sync"

@@ -128,8 +128,8 @@ class RadixFuzz:
         self.maybe_lock(na, nb, 0.3)
 
     def refused_insert(self) -> None:
-        """C++ only: adopting a page that is cached already, or one listed twice, is
-        refused after the insert's match_prefix (which the Python side mirrors)."""
+        """Adopting a page that is cached already, or one listed twice, is refused by
+        both, after the insert's match_prefix, and changes nothing else."""
         t, ps, rng = self.t, self.ps, self.rng
         ids = self.ids()
         n = len(ids) // ps
@@ -143,9 +143,9 @@ class RadixFuzz:
             bad.insert(rng.randrange(m), rng.choice(cached))
         else:
             return
-        t.py.match_prefix(ids)
-        with pytest.raises(ValueError, match="cached already or listed twice"):
-            t.cpp.insert(ids, ma + bad)
+        for impl in (t.py, t.cpp):
+            with pytest.raises(ValueError, match="cached already or listed twice"):
+                impl.insert(ids, ma + bad)
 
     def unlock(self) -> None:
         if self.locks:

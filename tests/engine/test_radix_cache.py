@@ -151,3 +151,30 @@ def test_integrity_check_of_a_very_deep_chain(impl):
         alloc.decref(pages[-1:])  # the cache keeps its own reference to the new page
     assert cache.num_cached_pages == 1500
     cache.check_integrity()
+
+
+def test_insert_refuses_a_page_cached_already_or_listed_twice_and_changes_nothing(impl):
+    """One page holds one prefix's KV: adopting a cached page under another key, or the
+    same page twice, would leave two nodes owning one page (evicting one frees the other's
+    KV). Both implementations refuse before anything is adopted."""
+    cache, alloc = cache_with(impl, num_pages=16)
+    a, _ = insert_fresh(cache, alloc, list(range(2 * PS)))
+    b = alloc.alloc(2)
+    before = (list(alloc.refcount), cache.num_cached_pages, cache.num_evictable_pages)
+    other = [100 + t for t in range(2 * PS)]
+    with pytest.raises(ValueError, match=f"insert of page {a[1]}, which is cached already"):
+        cache.insert(other, [b[0], a[1]])
+    with pytest.raises(ValueError, match=f"insert of page {b[0]}, which is cached already or "
+                                         "listed twice"):
+        cache.insert(other, [b[0], b[0]])
+    assert (list(alloc.refcount), cache.num_cached_pages, cache.num_evictable_pages) == before
+    cache.check_integrity()
+    assert cache.match_prefix(other)[0] == []
+    # the refused pages are still the caller's to insert properly, and evicted pages may
+    # be cached again under a new key
+    assert cache.insert(other, b)[0] == b
+    alloc.decref(b)
+    assert cache.evict(4) == 4
+    c = alloc.alloc(2)
+    assert cache.insert(list(range(50, 50 + 2 * PS)), c)[0] == c
+    cache.check_integrity()
