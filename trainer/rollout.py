@@ -91,7 +91,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     r = cfg.rollout
     kept, generated, draw = [], [], 0
     before = dict(pool.stats)
-    engine_before = _decode_counts(engine)
+    engine_before = _engine_counts(engine)
     start = time.perf_counter()
     while len(kept) < r.prompts_per_step and len(generated) < r.max_prompts_per_step:
         need = r.prompts_per_step - len(kept)
@@ -118,20 +118,34 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
         metrics["rollout/groups_kept"] = len(kept)
     for key in ("timeouts", "errors"):  # those samples scored 0; the run goes on
         metrics[f"verifier/{key}"] = pool.stats[key] - before[key]
-    engine_after = _decode_counts(engine)
-    if engine_before and engine_after and engine_after[0] > engine_before[0]:
-        # the share of sample-tokens the model computed (merged samples decode as one row)
-        metrics["rollout/decode_rows_fraction"] = ((engine_after[1] - engine_before[1])
-                                                   / (engine_after[0] - engine_before[0]))
+    engine_after = _engine_counts(engine)
+    if engine_before and engine_after:
+        metrics.update(_engine_metrics(engine_before, engine_after, generated))
     return Rollouts(kept, metrics)
 
 
-def _decode_counts(engine) -> tuple[int, int] | None:
-    """(decode_tokens, decode_rows) of engines that count them (ours; not SGLang)."""
+_COUNTS = ("decode_tokens", "decode_rows", "prefill_tokens")
+
+
+def _engine_counts(engine) -> dict | None:
+    """The counters of engines that keep them (ours; not SGLang)."""
     stats = engine.stats() if hasattr(engine, "stats") else {}
-    if "decode_tokens" in stats and "decode_rows" in stats:
-        return stats["decode_tokens"], stats["decode_rows"]
-    return None
+    return {k: stats[k] for k in _COUNTS} if all(k in stats for k in _COUNTS) else None
+
+
+def _engine_metrics(before: dict, after: dict, generated: list[Group]) -> dict:
+    """decode_rows_fraction: the share of sample-tokens the model computed in decode
+    (merged samples decode as one row). prefix_cache_hit_rate: the share of the samples'
+    prompt tokens not computed, as SGLang counts it with each sample a request: at least
+    1 - 1/N from the group fork, more where the radix cache held part of a prompt."""
+    d = {k: after[k] - before[k] for k in _COUNTS}
+    out = {}
+    if d["decode_tokens"] > 0:
+        out["rollout/decode_rows_fraction"] = d["decode_rows"] / d["decode_tokens"]
+    prompt_tokens = sum(g.n * len(g.prompt_ids) for g in generated)
+    if prompt_tokens:
+        out["rollout/prefix_cache_hit_rate"] = 1.0 - d["prefill_tokens"] / prompt_tokens
+    return out
 
 
 def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -> dict:

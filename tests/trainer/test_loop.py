@@ -57,6 +57,8 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
             m = train_step(run)
             assert m["rollout/groups_kept"] >= 1
             assert 0 < m["rollout/decode_rows_fraction"] <= 1
+            # n=8: each prompt is computed once for its 8 samples (the group fork)
+            assert 1 - 1 / 8 <= m["rollout/prefix_cache_hit_rate"] < 1
             assert 0 < m["train/distinct_samples"] <= m["train/samples"]
             assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/kl"])
             assert m["train/grad_norm"] > 0
