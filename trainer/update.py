@@ -78,7 +78,7 @@ def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainCo
     and an identically seeded generator."""
     samples, metrics = build_samples(groups, cfg, generator)
     if cfg.algorithm.old_logprobs == "recompute":
-        recompute_old_logprobs(model, samples, cfg, pad_id, dp)
+        metrics.update(recompute_old_logprobs(model, samples, cfg, pad_id, dp))
     order = torch.randperm(len(samples), generator=generator).tolist()
     chunks = [order[i::cfg.algorithm.num_mini_batches]
               for i in range(cfg.algorithm.num_mini_batches)]
@@ -193,18 +193,23 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], rows: list[tuple[Samp
 
 @torch.no_grad()
 def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
-                           pad_id: int, dp: DataParallel = SINGLE) -> None:
+                           pad_id: int, dp: DataParallel = SINGLE) -> dict:
     """The trainer's logprobs of every response token before this step's update (each
     rank computes its share; every rank ends up with all of them). With
     optim.merge_identical_samples a sequence that appears more than once is computed once
-    and its samples share the result."""
+    and its samples share the result. Returns how far the engine's behaviour logprobs are
+    from them (`logprob_mismatch`)."""
     device = next(model.parameters()).device
     everyone = samples
+    counts = [1] * len(samples)
     if cfg.optim.merge_identical_samples:
         first: dict[tuple, Sample] = {}
+        times: dict[tuple, int] = {}
         for s in everyone:
-            first.setdefault((tuple(s.ids), s.start), s)
-        samples = list(first.values())
+            key = (tuple(s.ids), s.start)
+            first.setdefault(key, s)
+            times[key] = times.get(key, 0) + 1
+        samples, counts = list(first.values()), list(times.values())
     mine: list[list[float]] = []
     for micro in micro_batches(samples, cfg.optim.micro_batch_size, dp):
         batch = micro or samples[:1]  # an empty share still joins the collectives
@@ -219,6 +224,25 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
     if everyone is not samples:
         for s in everyone:
             s.old_logprobs = first[(tuple(s.ids), s.start)].old_logprobs
+    return logprob_mismatch(samples, counts)
+
+
+def logprob_mismatch(samples: list[Sample], counts: list[int]) -> dict:
+    """The engine/trainer mismatch over response tokens (each sample counted `counts`
+    times): mean and max |old - behaviour| of the logprobs, and mean |p_old - p_behaviour|
+    of the probabilities. In float32 it is float rounding; in 16-bit, or with a kernel
+    that computes another function, it is what algorithm.tis corrects."""
+    old = torch.tensor([v for s in samples for v in s.old_logprobs], dtype=torch.float64)
+    if not old.numel():
+        return {}
+    beh = torch.tensor([v for s in samples for v in s.behaviour_logprobs], dtype=torch.float64)
+    w = torch.tensor([c for s, c in zip(samples, counts) for _ in s.old_logprobs],
+                     dtype=torch.float64)
+    diff = (old - beh).abs()
+    return {"mismatch/logprob_abs_mean": float((diff * w).sum() / w.sum()),
+            "mismatch/logprob_abs_max": float(diff.max()),
+            "mismatch/prob_abs_mean": float(((old.exp() - beh.exp()).abs() * w).sum()
+                                            / w.sum())}
 
 
 def _per_token(micro: list[Sample], attr: str, mask: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
             assert 0 < m["rollout/decode_rows_fraction"] <= 1
             # n=8: each prompt is computed once for its 8 samples (the group fork)
             assert 1 - 1 / 8 <= m["rollout/prefix_cache_hit_rate"] < 1
+            # float32 engine and trainer: the recomputed old logprobs are the behaviour
+            # ones to float rounding
+            assert 0 <= m["mismatch/logprob_abs_mean"] <= m["mismatch/logprob_abs_max"] < 1e-4
             assert 0 < m["train/distinct_samples"] <= m["train/samples"]
             assert math.isfinite(m["train/loss"]) and math.isfinite(m["train/kl"])
             assert m["train/grad_norm"] > 0

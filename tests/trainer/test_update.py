@@ -115,3 +115,20 @@ def test_merge_identical_keeps_apart_what_differs():
                                        Sample([1, 2, 3], 1, 0.5, [-1.0])])
     assert [c for _, c in rows] == [2, 1, 1, 1, 1]
     assert rows[0][0] is a
+
+
+def test_logprob_mismatch_weights_each_distinct_sample_by_its_count():
+    import math
+
+    from trainer.update import Sample, logprob_mismatch
+
+    a = Sample([1, 2, 3, 4], 2, 0.5, [-1.0, -2.0])
+    a.old_logprobs = [-1.5, -2.0]
+    b = Sample([1, 2, 5], 2, 0.5, [-0.1])
+    b.old_logprobs = [-0.1]
+    got = logprob_mismatch([a, b], [3, 1])  # a stands for three samples
+    assert got["mismatch/logprob_abs_mean"] == pytest.approx(3 * 0.5 / 7)
+    assert got["mismatch/logprob_abs_max"] == pytest.approx(0.5)
+    assert got["mismatch/prob_abs_mean"] == pytest.approx(
+        3 * abs(math.exp(-1.5) - math.exp(-1.0)) / 7)
+    assert logprob_mismatch([], []) == {}
