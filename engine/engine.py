@@ -21,6 +21,7 @@ from engine.request import Group, Sequence, Status
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Plan, Scheduler
+from engine.stop import StopChecker
 from engine.tokenizer import load_tokenizer
 from kernels.transfer import upload
 
@@ -51,6 +52,7 @@ class Engine:
                                self.config.linear_backend)
         self.model.load_checkpoint(model)
         self.tokenizer = load_tokenizer(model)
+        self._stop = StopChecker(self.tokenizer)
         num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
         self.kv = KVPool(self.model_config, num_pages, page_size, tdtype, self.device)
         self.cache = CacheManager(self.kv, page_size)
@@ -84,7 +86,7 @@ class Engine:
         params = normalize_params(sampling_params, len(prompts))
         prompt_ids = tokenize(prompts, self.tokenizer)
         validate(prompt_ids, params, self.model_config, self.config.page_size,
-                 self.kv.num_pages)
+                 self.kv.num_pages, self.tokenizer is not None)
         groups = [self._make_group(i, ids, p) for i, (ids, p) in
                   enumerate(zip(prompt_ids, params))]
         bar = _progress(sum(p.n for p in params), use_tqdm)
@@ -257,6 +259,7 @@ class Engine:
         from row rows[i], which was computed for owners[rows[i]]."""
         tokens, logprobs = self.sampler(logits, seqs, *(shared or ()))
         finished, running, waiting = 0, self.scheduler.running, Status.WAITING
+        searched = []  # samples whose text is searched for stop strings this step
         for s, tok, lp in zip(seqs, tokens, logprobs):
             ids = s.token_ids
             ids.append(tok)
@@ -268,8 +271,14 @@ class Engine:
             g = s.group
             if tok in g.stop_ids:  # banned until min_tokens by the sampler
                 finished += self._finish(s, "stop")
+            elif len(ids) > g.stop_from:  # with stop strings, past min_tokens
+                searched.append(s)
             elif len(ids) >= g.max_len:
                 finished += self._finish(s, "length")
+        if searched:  # a stop string wins over the length limit at the same token
+            for s, hit in zip(searched, self._stop.stopped(searched)):
+                if hit or len(s.token_ids) >= s.group.max_len:
+                    finished += self._finish(s, "stop" if hit else "length")
         return finished
 
     def _finish(self, seq: Sequence, reason: str) -> int:
@@ -299,12 +308,8 @@ class Engine:
         texts: dict[tuple[int, ...], str] = {}  # a group's repeated outputs decode once
         for s in g.samples:
             ids = s.output_ids
-            text = None
-            if self.tokenizer:
-                key = tuple(ids)
-                if key not in texts:
-                    texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
-                text = texts[key]
+            text = None if self.tokenizer is None else self._stop.text(
+                ids, g.params, s.finish_reason, texts)
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)

@@ -59,8 +59,9 @@ def _is_token(t) -> bool:
 
 
 def validate(prompt_ids: list[list[int]], params: list[SamplingParams], cfg: ModelConfig,
-             page_size: int, num_pages: int) -> None:
-    """Raises ValueError for the first bad prompt or parameter."""
+             page_size: int, num_pages: int, has_tokenizer: bool = True) -> None:
+    """Raises ValueError for the first bad prompt or parameter (has_tokenizer: whether
+    stop strings can be decoded)."""
     V = cfg.vocab_size
     for i, (ids, p) in enumerate(zip(prompt_ids, params)):
         if not ids:
@@ -77,6 +78,10 @@ def validate(prompt_ids: list[list[int]], params: list[SamplingParams], cfg: Mod
         bad = [t for t in p.stop_token_ids or () if not 0 <= t < V]
         if bad:
             raise ValueError(f"stop token id {bad[0]} is outside the vocabulary [0, {V})")
+        if p.stop and not has_tokenizer:
+            raise ValueError(f"prompt {i} sets stop strings {list(p.stop)!r} but the "
+                             "checkpoint has no tokenizer to decode with; use "
+                             "stop_token_ids")
         need = min_pool_pages(len(ids), p.max_tokens, page_size)
         if need > num_pages:
             raise ValueError(f"prompt {i} needs {need} KV pages for one sample of "

@@ -10,8 +10,12 @@ class CompletionOutput:
     index: int
     token_ids: list[int]
     logprobs: list[float] | None  # behaviour logprob of each token (see SamplingParams)
-    finish_reason: str  # "stop" (a stop/EOS token, included in token_ids) or "length"
-    text: str | None = None  # decoded when the checkpoint has a tokenizer
+    # "stop" (a stop/EOS token, included in token_ids, or a stop string) or "length"
+    finish_reason: str
+    # decoded when the checkpoint has a tokenizer; cut at a stop string (before it, or
+    # after it with include_stop_str_in_output), while token_ids keep the token that
+    # completed it
+    text: str | None = None
 
 
 @dataclass

@@ -63,12 +63,16 @@ class Group:
     max_len: int = field(init=False)  # prompt + max_tokens: a sample this long is done
     # shorter than this, a sample's stop tokens are banned (min_tokens)
     ban_below: int = field(init=False)
+    # longer than this, a sample's text is searched for stop strings (never without them)
+    stop_from: int = field(init=False)
     max_private_pages: int = field(init=False)  # private_pages_at_max of a sample
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_ids)
         self.max_len = self.prompt_len + self.params.max_tokens
         self.ban_below = self.prompt_len + self.params.min_tokens if self.stop_ids else 0
+        self.stop_from = (self.prompt_len + self.params.min_tokens if self.params.stop
+                          else self.max_len)
         self.max_private_pages = private_pages_at_max(self.prompt_len, self.params.max_tokens,
                                                       self.page_size)
 

@@ -16,6 +16,13 @@ class SamplingParams:
     (seed, request index, sample index, position), never on batching or preemption.
     Behaviour logprobs are of the sampled token under softmax(logits / temperature) over
     the full vocabulary (before truncation); with temperature 0, under softmax(logits).
+
+    `stop` (a string or a list of them; needs the checkpoint's tokenizer): a sample ends,
+    with finish_reason "stop", at its first token k > min_tokens (as for stop tokens)
+    after which its decoded completion contains one of them; one already in the text of
+    its first min_tokens tokens stops it at token min_tokens + 1. Its token_ids and
+    logprobs keep token k; its text is cut before the stop string, or after it with
+    include_stop_str_in_output (see engine/stop.py).
     """
 
     n: int = 1
@@ -29,6 +36,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     logprobs: bool = True
+    stop: tuple[str, ...] | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n", "top_k", "max_tokens", "min_tokens", "seed"):
@@ -57,6 +66,10 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(
                 _integer("stop_token_ids", t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", _stop_strings(self.stop))
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise ValueError("include_stop_str_in_output must be a bool, got "
+                             f"{self.include_stop_str_in_output!r}")
 
     @property
     def greedy(self) -> bool:
@@ -75,3 +88,20 @@ def _real(name: str, value) -> float:
             value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _stop_strings(value) -> tuple[str, ...] | None:
+    """A string or a list/tuple of non-empty strings -> a tuple; None or empty -> None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    elif not isinstance(value, (list, tuple)):
+        raise ValueError("stop must be a string or a list of strings, got "
+                         f"{type(value).__name__}")
+    for s in value:
+        if not isinstance(s, str):
+            raise ValueError(f"stop strings must be strings, got {s!r}")
+        if not s:
+            raise ValueError("stop strings must be non-empty, got ''")
+    return tuple(value) or None

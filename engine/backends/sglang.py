@@ -32,6 +32,10 @@ def to_sglang_params(p: SamplingParams) -> dict:
            "ignore_eos": bool(p.ignore_eos)}
     if p.stop_token_ids:
         out["stop_token_ids"] = list(p.stop_token_ids)
+    if p.stop:
+        out["stop"] = list(p.stop)
+        if p.include_stop_str_in_output:
+            out["no_stop_trim"] = True  # SGLang's name: keep the stop string in the text
     return out
 
 

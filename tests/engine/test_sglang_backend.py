@@ -53,6 +53,15 @@ def test_sampling_params_translate_to_sglang_names():
     assert "stop_token_ids" not in to_sglang_params(SamplingParams())
 
 
+def test_stop_strings_translate_to_stop_and_no_stop_trim():
+    assert to_sglang_params(SamplingParams(stop="\n\n"))["stop"] == ["\n\n"]
+    kept = to_sglang_params(SamplingParams(stop=["a", "bc"], include_stop_str_in_output=True))
+    assert kept["stop"] == ["a", "bc"] and kept["no_stop_trim"] is True
+    plain = to_sglang_params(SamplingParams())
+    assert "stop" not in plain and "no_stop_trim" not in plain
+    assert "no_stop_trim" not in to_sglang_params(SamplingParams(stop="a"))
+
+
 def test_generate_expands_n_and_regroups_in_order(qwen2):
     fake = FakeSGLang()
     eng = SGLangEngine(qwen2[0], engine=fake)

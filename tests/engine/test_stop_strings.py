@@ -1,0 +1,309 @@
+"""Stop strings (SamplingParams.stop): a sample stops at the first token after which its
+decoded completion contains one, as a plain reference that decodes every prefix of the
+unconstrained run finds; its text is cut there; the tail-window check agrees with that
+reference on random token runs (split UTF-8 characters, special tokens that decode to
+nothing), and the result does not depend on merging, preemption, batching or n."""
+
+import random
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.stop import completes_stop
+
+PAGE = 4
+SPECIAL = ["<pad>", "<s>", "</s>"] + [f"<x{i}>" for i in range(3, 8)]  # ids 0..7, eos 2
+UTF8 = [b"\xc3", b"\xa9", "é".encode(), b"\xe2", b"\x82", b"\xac", "€".encode(),
+        b"\xf0\x9f", b"\x98\x80", "😀".encode()]
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, as the ByteLevel decoder undoes it."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = dict(zip(keep, keep))
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = 256 + n
+    return {b: chr(c) for b, c in chars.items()}
+
+
+def _pieces(vocab_size: int) -> list[bytes]:
+    """Token byte strings: short texts over "abcd " (so strings recur), and UTF-8
+    characters whole and split into lone bytes."""
+    letters = "abcd "
+    texts = list(letters) + [a + b for a in letters for b in letters] + [
+        a + b + c for a in letters for b in letters for c in letters]
+    out = UTF8 + [t.encode() for t in texts]
+    return out[:vocab_size - len(SPECIAL)]
+
+
+def save_byte_tokenizer(path, vocab_size: int = 128):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _byte_chars()
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for p in _pieces(vocab_size):
+        vocab["".join(chars[b] for b in p)] = len(vocab)
+    assert len(vocab) == vocab_size
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL[3:])
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def save_word_tokenizer(path, vocab_size: int = 128):
+    """Words joined by spaces when decoded: a decoder whose window drops a space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + ["ab", "b", "ba", "a", "c", "abc", "cab"]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL[3:])
+    fast.save_pretrained(str(path))
+    return fast, len(words)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from tests.helpers import make_checkpoint
+
+    path = tmp_path_factory.mktemp("stop_strings")
+    make_checkpoint(path, "qwen2", seed=3)
+    return str(path), save_byte_tokenizer(path)
+
+
+def decode(tok, ids) -> str:
+    return tok.decode(list(ids), skip_special_tokens=True)
+
+
+def first_stop(tok, ids, stops, min_tokens: int) -> int | None:
+    """The reference: the first k > min_tokens at which decode(ids[:k]) holds a stop."""
+    for k in range(min_tokens + 1, len(ids) + 1):
+        text = decode(tok, ids[:k])
+        if any(s in text for s in stops):
+            return k
+    return None
+
+
+def cut(text: str, stops, include: bool) -> str:
+    """The reference cut: at the first end position where the text ends in a stop string
+    (the longest one ending there)."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:end].endswith(s)]
+        if hits:
+            return text[:end] if include else text[:end - max(map(len, hits))]
+    return text
+
+
+def generate(path, prompts, params, **kw):
+    engine = Engine(path, page_size=PAGE, debug_integrity=True,
+                    **{"max_kv_tokens": 8192, **kw})
+    return engine, engine.generate(prompts, params)
+
+
+def pick_stops(tok, outs, spans) -> list[str]:
+    """Stop strings taken from the unconstrained texts: (request, sample, start, length)
+    gives the first `length` characters from `start` on without a replacement character."""
+    stops = []
+    for r, j, start, length in spans:
+        text = decode(tok, outs[r].outputs[j].token_ids)
+        s = next(text[i:i + length] for i in range(start, len(text) - length)
+                 if "\ufffd" not in text[i:i + length])
+        stops.append(s)
+    return stops
+
+
+PROMPTS = [list(range(9, 30)), list(range(40, 46))]
+BASE = dict(n=6, temperature=1.0, seed=11, ignore_eos=True)
+
+
+def check_against_reference(tok, free, got, stops, max_tokens, min_tokens, include):
+    """got (with stop, max_tokens) against the unconstrained run free; returns the stop
+    positions k of the samples that stopped."""
+    ks = []
+    for fo, go in zip(free, got, strict=True):
+        for fc, gc in zip(fo.outputs, go.outputs, strict=True):
+            k = first_stop(tok, fc.token_ids[:max_tokens], stops, min_tokens)
+            want = fc.token_ids[:k or max_tokens]
+            assert gc.token_ids == want
+            assert gc.finish_reason == ("stop" if k else "length")
+            torch.testing.assert_close(torch.tensor(gc.logprobs),
+                                       torch.tensor(fc.logprobs[:len(want)]), atol=1e-4,
+                                       rtol=0)
+            text = decode(tok, want)
+            assert gc.text == (cut(text, stops, include) if k else text)
+            if k:
+                ks.append(k)
+    return ks
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_samples_stop_where_the_decoded_prefix_first_holds_a_stop_string(checkpoint,
+                                                                         include):
+    path, tok = checkpoint
+    _, free = generate(path, PROMPTS, SamplingParams(max_tokens=64, **BASE))
+    stops = pick_stops(tok, free, [(0, 0, 40, 6), (0, 3, 110, 5), (1, 2, 90, 6)])
+    params = SamplingParams(max_tokens=56, stop=stops, include_stop_str_in_output=include,
+                            **BASE)
+    _, got = generate(path, PROMPTS, params)
+    ks = check_against_reference(tok, free, got, stops, 56, 0, include)
+    assert len(ks) >= 3 and max(ks) > 30  # past the first window of tokens
+    stopped = [c for o in got for c in o.outputs if c.finish_reason == "stop"]
+    for c in stopped:  # each stop string spans several tokens
+        assert not any(s in decode(tok, c.token_ids[-1:]) for s in stops)
+        assert any(s in c.text for s in stops) == include
+
+
+def test_min_tokens_delays_the_check_but_an_earlier_stop_string_still_counts(checkpoint):
+    """Not checked before min_tokens + 1 tokens; then the whole text so far counts, so a
+    stop string from the first min_tokens tokens stops the sample at min_tokens + 1."""
+    path, tok = checkpoint
+    _, free = generate(path, PROMPTS, SamplingParams(max_tokens=64, **BASE))
+    m = 30
+    stops = pick_stops(tok, free, [(0, 1, 3, 4), (1, 4, 50, 5)])
+    params = SamplingParams(max_tokens=60, min_tokens=m, stop=stops, **BASE)
+    _, got = generate(path, PROMPTS, params)
+    ks = check_against_reference(tok, free, got, stops, 60, m, False)
+    assert min(ks) == m + 1 and max(ks) > m + 1
+    assert first_stop(tok, free[0].outputs[1].token_ids, stops, 0) < m  # it was early
+
+
+@pytest.mark.parametrize("kw", [dict(merge_identical_samples=False),
+                                dict(max_kv_tokens=40 * PAGE, reserve_ratio=0.0),
+                                dict(max_batch_size=5), dict(cascade_decode=False)],
+                         ids=["unmerged", "preempting", "small-batches", "no-cascade"])
+def test_stops_do_not_depend_on_merging_preemption_or_batching(checkpoint, kw):
+    path, tok = checkpoint
+    prompts = [list(range(9, 30)), list(range(50, 53)), list(range(60, 75))]
+    common = dict(n=12, temperature=0.6, seed=5, ignore_eos=True, max_tokens=48)
+    _, free = generate(path, prompts, SamplingParams(**common))
+    stops = pick_stops(tok, free, [(0, 0, 20, 4), (1, 5, 30, 4), (2, 7, 25, 5)])
+    params = SamplingParams(stop=stops, **common)
+    merged_engine, merged = generate(path, prompts, params)
+    other_engine, other = generate(path, prompts, params, **kw)
+    check_against_reference(tok, free, merged, stops, 48, 0, False)
+    check_against_reference(tok, free, other, stops, 48, 0, False)
+    s = merged_engine.stats()
+    assert s["decode_rows"] < s["decode_tokens"]  # samples were merged
+    if "reserve_ratio" in kw:
+        assert other_engine.stats()["preemptions"] > 0
+    _, fewer = generate(path, prompts, SamplingParams(**{**common, "n": 3}, stop=stops))
+    for o, f in zip(merged, fewer):  # a sample does not depend on its siblings
+        assert [(c.token_ids, c.finish_reason, c.text) for c in o.outputs[:3]] == [
+            (c.token_ids, c.finish_reason, c.text) for c in f.outputs]
+
+
+def test_requests_without_stop_strings_never_decode_and_windows_stay_bounded(checkpoint):
+    path, tok = checkpoint
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=8192)
+    lengths = []
+    real = engine.tokenizer.decode
+
+    def counting(ids, **kw):
+        lengths.append(len(ids))
+        return real(ids, **kw)
+
+    engine.tokenizer.decode = counting
+    params = SamplingParams(n=3, max_tokens=150, seed=1, ignore_eos=True)
+    engine.generate(PROMPTS, params)
+    assert len(lengths) == 6  # the outputs' texts, nothing while generating
+    lengths.clear()
+    out = engine.generate(PROMPTS, SamplingParams(n=3, max_tokens=150, seed=1,
+                                                  ignore_eos=True, stop=["zzzz"]))
+    assert {c.finish_reason for o in out for c in o.outputs} == {"length"}
+    assert len(lengths) > 2 * 6 * 140  # two windows per token
+    assert sum(n > 100 for n in lengths) == 6  # only the outputs' texts decode it all
+
+
+def random_ids(rng, vocab_size: int) -> list[int]:
+    """90 or so tokens, with runs of special tokens (they decode to nothing)."""
+    ids = []
+    while len(ids) < 90:
+        if rng.random() < 0.1:
+            ids += [rng.randrange(len(SPECIAL))] * rng.randrange(5, 40)
+        else:
+            ids.append(rng.randrange(len(SPECIAL), vocab_size))
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["bytes", "words"])
+def test_window_check_agrees_with_decoding_every_prefix(tmp_path, kind):
+    if kind == "bytes":
+        tok, vocab_size = save_byte_tokenizer(tmp_path), 128
+    else:
+        tok, vocab_size = save_word_tokenizer(tmp_path)
+    rng = random.Random(0)
+    stopped_late = 0
+    for case in range(60):
+        ids = random_ids(rng, vocab_size)
+        full = decode(tok, ids)
+        stops = []
+        for _ in range(rng.randrange(1, 4)):
+            n = rng.randrange(1, 9)
+            i = rng.randrange(0, max(1, len(full) - n))
+            s = full[i:i + n].replace("\ufffd", "")
+            if s:
+                stops.append(s)
+        if not stops:
+            continue
+        m = rng.choice([0, 0, 5, 40])
+        want = first_stop(tok, ids, stops, m)
+        got = next((k for k in range(m + 1, len(ids) + 1) if completes_stop(
+            lambda w: decode(tok, w), ids[:k], 0, m, tuple(stops))), None)
+        assert got == want, (case, stops, m)
+        stopped_late += bool(want and want > m + 25)
+    assert stopped_late >= 10
+
+
+def test_a_window_that_starts_inside_a_split_character_still_finds_the_stop(tmp_path):
+    """"€" as three one-byte tokens, then "a"s, tokens that decode to nothing and "c": at
+    some of these lengths the window starts on the continuation bytes, which decode to
+    replacement characters that must not count as the stop string's context."""
+    tok = save_byte_tokenizer(tmp_path)
+    chars, vocab = _byte_chars(), tok.get_vocab()
+    e2, x82, xac, a, b, c = (vocab["".join(chars[x] for x in p)] for p in (
+        b"\xe2", b"\x82", b"\xac", b"a", b"b", b"c"))
+    for j in range(6):
+        stop = "€" + "a" * j + "c"
+        for x in range(30):
+            for y in range(4):
+                ids = [b] * 40 + [e2] + [3] * y + [x82, xac] + [a] * j + [3] * x + [c]
+                got = [completes_stop(lambda w: decode(tok, w), ids[:k], 0, 0, (stop,))
+                       for k in range(1, len(ids) + 1)]
+                assert got == [False] * (len(ids) - 1) + [True], (j, x, y)
+
+
+@pytest.mark.parametrize("stop,want", [("ab", ("ab",)), (["a", "bc"], ("a", "bc")),
+                                       (("x",), ("x",)), ([], None), (None, None)])
+def test_stop_is_normalised_to_a_tuple(stop, want):
+    assert SamplingParams(stop=stop).stop == want
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(stop=""), "non-empty"), (dict(stop=["a", ""]), "non-empty"),
+    (dict(stop=[1]), "must be strings, got 1"), (dict(stop=["a", None]), "got None"),
+    (dict(stop={"a"}), "got set"), (dict(stop=b"ab"), "got bytes"),
+    (dict(stop=7), "got int"), (dict(include_stop_str_in_output="yes"), "must be a bool"),
+])
+def test_bad_stop_values_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_stop_strings_without_a_tokenizer_are_refused_before_any_work(qwen2):
+    path, _ = qwen2
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=64 * PAGE, debug_integrity=True)
+    assert engine.tokenizer is None
+    with pytest.raises(ValueError, match="prompt 1 sets stop strings .* no tokenizer"):
+        engine.generate([[5, 6], [7, 8]], [SamplingParams(), SamplingParams(stop="x")])
+    assert engine.stats()["prefill_tokens"] == 0
+    out = engine.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
