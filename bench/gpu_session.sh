@@ -84,9 +84,12 @@ step demo 90 $PY -m trainer.cli train steps=2 eval.every=0 progress=false \
 # N=512 over N=16 on the demo's trained policy, merging on and off
 step large-n 60 $PY bench/large_n_trained.py --device cuda --repeats 1 --total 4096 \
   --out "$OUT/large-n-trained-gpu.json"
+# the engine's behaviour logprobs (Triton, bf16 and float32) against the trainer's
+step mismatch 40 $PY bench/logprob_mismatch.py --device cuda \
+  --out "$OUT/logprob-mismatch-gpu.json"
 
 echo "== tails"
-for f in gpu-tests kernels kernels-sampling throughput demo large-n; do
+for f in gpu-tests kernels kernels-sampling throughput demo large-n mismatch; do
   [ -f "$OUT/$f.log" ] && { echo "-- $f"; tail -n 8 "$OUT/$f.log" | cut -c1-240; }
 done
 echo "== steps ($SECONDS s in all)"
