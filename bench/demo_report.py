@@ -40,8 +40,9 @@ def score(engine, problems, cfg, pool, k: int) -> dict:
     out = {}
     for name, (temperature, top_p) in SETTINGS.items():
         n = 1 if temperature == 0 else k
+        sampling = {**cfg.eval.sampling, "n": n, "temperature": temperature, "top_p": top_p}
         groups = generate_groups(engine, problems, cfg, [10**6 + i for i in range(len(problems))],
-                                 pool, n, temperature, top_p, -1, cfg.eval.max_tokens)
+                                 pool, sampling)
         rows: dict[int, list[float]] = {}
         for g in groups:
             t = terms_of(g.problem)

@@ -47,8 +47,10 @@ def _mean_reward(run, problems, n: int, temperature: float, seed: int) -> float:
     from trainer.rollout import generate_groups
 
     cfg = run.cfg
+    sampling = {**cfg.rollout.sampling, "n": n, "temperature": temperature, "top_p": 1.0,
+                "top_k": -1}
     groups = generate_groups(run.engine, problems, cfg, [seed + i for i in range(len(problems))],
-                             run.pool, n, temperature, 1.0, -1, cfg.rollout.max_tokens)
+                             run.pool, sampling)
     return round(float(torch.stack([g.rewards for g in groups]).mean()), 4)
 
 

@@ -97,6 +97,9 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(-1, "top-k (-1: off)")
     max_tokens: int = _f(64, "response length cap; truncated responses score 0")
+    stop: list | None = _f(None, "stop strings (e.g. ['</answer>']): a response ends at the "
+                           "token that completes one; the verifier sees its text up to and "
+                           "including it, as the tokens trained on are")
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
                                    "when the engine starts; set it when several rollout "
@@ -130,11 +133,16 @@ class RolloutConfig:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 for RL sampling")
-        _sampling("rollout", n=self.n, temperature=self.temperature, top_p=self.top_p,
-                  top_k=self.top_k, max_tokens=self.max_tokens)
+        _sampling("rollout", self.sampling)
         from engine.attention import BACKENDS, LAZY_BACKENDS
 
         _choice(self, "attention_backend", ("auto", *BACKENDS, *LAZY_BACKENDS))
+
+    @property
+    def sampling(self) -> dict:
+        """The engine's SamplingParams of a rollout, less its seed."""
+        return dict(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                    top_k=self.top_k, max_tokens=self.max_tokens, **_stop(self.stop))
 
     @property
     def samples_per_step(self) -> int:
@@ -222,12 +230,23 @@ class EvalConfig:
     temperature: float = _f(0.6, "evaluation temperature (BroRL: 0.6)")
     top_p: float = _f(0.95, "evaluation nucleus sampling (BroRL: 0.95)")
     max_tokens: int = _f(64, "evaluation response cap")
+    stop: list | None = _f(None, "stop strings of evaluation responses (as rollout.stop)")
     greedy: bool = _f(True, "also score one greedy answer per problem (eval/greedy)")
 
     def __post_init__(self) -> None:
         _positive(self, "k")  # named here: SamplingParams would call it n
-        _sampling("eval", n=self.k, temperature=self.temperature, top_p=self.top_p,
-                  max_tokens=self.max_tokens)
+        _sampling("eval", self.sampling)
+
+    @property
+    def sampling(self) -> dict:
+        """The engine's SamplingParams of the k samples per problem, less their seed."""
+        return dict(n=self.k, temperature=self.temperature, top_p=self.top_p,
+                    max_tokens=self.max_tokens, **_stop(self.stop))
+
+    @property
+    def greedy_sampling(self) -> dict:
+        """The same for the one greedy answer per problem."""
+        return {**self.sampling, "n": 1, "temperature": 0.0, "top_p": 1.0}
 
 
 @dataclass(frozen=True)
@@ -314,7 +333,12 @@ def _positive(obj, *names: str) -> None:
                              f"{getattr(obj, name)}")
 
 
-def _sampling(section: str, **params) -> None:
+def _stop(stop: list | None) -> dict:
+    """Stop strings stay in the text the verifier scores (`<answer>..</answer>` parses)."""
+    return dict(stop=stop, include_stop_str_in_output=True) if stop else {}
+
+
+def _sampling(section: str, params: dict) -> None:
     """Checks sampling options as the engine will, so that a bad value fails before the
     policy is built or loaded rather than at the first generate call."""
     from engine.sampling_params import SamplingParams

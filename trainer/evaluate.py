@@ -31,8 +31,7 @@ def evaluate(engine, problems: list[Problem], cfg: TrainConfig, pool,
     e = cfg.eval
     seed = cfg.seed if seed is None else seed
     seeds = [sample_seed(seed, _EVAL_STEP, 0, i) for i in range(len(problems))]
-    groups = generate_groups(engine, problems, cfg, seeds, pool, e.k, e.temperature, e.top_p,
-                             -1, e.max_tokens)
+    groups = generate_groups(engine, problems, cfg, seeds, pool, e.sampling)
     mean_at_k = sum(float(g.rewards.mean()) for g in groups) / len(groups)
     passed = sum(pass_at_k(g.n, int((g.rewards >= 1.0 - 1e-9).sum()), g.n) for g in groups)
     tokens = [len(ids) for g in groups for ids in g.response_ids]
@@ -40,7 +39,6 @@ def evaluate(engine, problems: list[Problem], cfg: TrainConfig, pool,
            "eval/mean_response_tokens": sum(tokens) / len(tokens), "eval/k": e.k,
            "eval/problems": len(groups)}
     if e.greedy:
-        greedy = generate_groups(engine, problems, cfg, seeds, pool, 1, 0.0, 1.0, -1,
-                                 e.max_tokens)
+        greedy = generate_groups(engine, problems, cfg, seeds, pool, e.greedy_sampling)
         out["eval/greedy"] = sum(float(g.rewards[0]) for g in greedy) / len(greedy)
     return out

@@ -50,13 +50,12 @@ def sample_seed(run_seed: int, step: int, draw: int, index: int) -> int:
 
 
 def generate_groups(engine, problems: list[Problem], cfg: TrainConfig, seeds: list[int],
-                    pool, n: int, temperature: float, top_p: float, top_k: int,
-                    max_tokens: int, progress: bool = False) -> list[Group]:
-    """N samples for each problem, scored. Truncated responses get
+                    pool, sampling: dict, progress: bool = False) -> list[Group]:
+    """N samples for each problem, scored; `sampling` holds the SamplingParams but the
+    seed (e.g. `cfg.rollout.sampling`), seeds one per problem. Truncated responses get
     algorithm.truncated_reward (when set)."""
     prompts = [render_prompt(p, engine.tokenizer, cfg.data.chat_template) for p in problems]
-    params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                             max_tokens=max_tokens, seed=s) for s in seeds]
+    params = [SamplingParams(**sampling, seed=s) for s in seeds]
     outs = engine.generate(prompts, params, use_tqdm=progress)
     items = [VerifyItem(c.text or "", p.answer, p.verifier, p.metadata)
              for p, o in zip(problems, outs) for c in o.outputs]
@@ -101,8 +100,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
         k = min(need, r.max_prompts_per_step - len(generated))
         problems = stream.take(k)
         seeds = [sample_seed(cfg.seed, step, draw, i) for i in range(k)]
-        groups = generate_groups(engine, problems, cfg, seeds, pool, r.n, r.temperature,
-                                 r.top_p, r.top_k, r.max_tokens, cfg.progress)
+        groups = generate_groups(engine, problems, cfg, seeds, pool, r.sampling, cfg.progress)
         generated += groups
         keep = (group_keep_mask(torch.stack([g.rewards for g in groups]))
                 if r.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool))

@@ -14,3 +14,8 @@ def char_hash(item: VerifyItem) -> float:
     """A score in [0, 1) that differs between almost any two responses (tests that compare
     scores must see a spread)."""
     return (sum(ord(c) * (i + 1) for i, c in enumerate(item.response)) % 997) / 997
+
+
+def ends_with_equals(item: VerifyItem) -> float:
+    """1 when the response text ends with '=' (a stop string the test sets)."""
+    return float(item.response.endswith("="))

@@ -201,3 +201,44 @@ def test_an_interrupt_during_an_update_leaves_the_newest_checkpoint(tiny_policy,
     assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-000002"]
     assert (f"interrupted; the newest checkpoint is {cut / 'checkpoints' / 'step-000002'}: "
             f"continue with brorl train --resume {cut}") in capsys.readouterr().err
+
+
+def test_rollout_stop_strings_end_responses_and_the_verifier_sees_them(tiny_policy, tmp_path):
+    """rollout.stop: a response ends at the token that completes a stop string, and the
+    text scored is the text of the tokens trained on, stop string included."""
+    from trainer.rollout import generate_groups
+
+    cfg = _cfg(tiny_policy, tmp_path / "run", **{
+        "rollout.stop": "['=']", "rollout.max_tokens": 12,
+        "data.verifier": "tests.trainer.reward_fns:ends_with_equals"})
+    assert cfg.rollout.sampling["stop"] == ["="]
+    run = setup(cfg, None)
+    try:
+        problems = run.stream.take(4)
+        groups = generate_groups(run.engine, problems, cfg, [1, 2, 3, 4], run.pool,
+                                 {**cfg.rollout.sampling, "n": 16})
+        stopped = 0
+        for g in groups:
+            for ids, reward, reason in zip(g.response_ids, g.rewards.tolist(),
+                                           g.finish_reasons):
+                text = run.engine.tokenizer.decode(ids, skip_special_tokens=True)
+                before = run.engine.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+                if "=" in text:  # it stopped at the first token that made one
+                    assert reason == "stop" and "=" not in before and reward == 1.0
+                    stopped += 1
+                else:
+                    assert reward == 0.0
+        assert 0 < stopped < 64
+    finally:
+        run.pool.close()
+        run.metrics.close()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("rollout.stop=['']", "rollout: stop strings must be non-empty"),
+    ("rollout.stop=abc", "rollout.stop must be list"),
+    ("eval.stop=[3]", "eval: stop strings must be strings"),
+])
+def test_bad_stop_strings_fail_when_the_config_loads(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, [override])
