@@ -71,6 +71,62 @@ def save_word_tokenizer(path, vocab_size: int = 128):
     return fast, len(words)
 
 
+FALLBACK_TEXT = ["a", "b", " a", " ab", "c", " ", "\n", "é", "中", "文", "答", "案", "😀", "€"]
+
+
+def save_fallback_tokenizer(path):
+    """SentencePiece-style BPE with byte fallback (Llama 2, Mistral): characters outside
+    the vocabulary become <0xNN> byte tokens, and the decoder turns each run of them into
+    text as a whole (any invalid byte in a run makes every byte of it U+FFFD)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for w in ["a", "b", "c", "\u2581", "\u2581a", "\u2581b", "\u2581ab", "ab", "\n", "é"]:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, [("a", "b"), ("\u2581", "a"), ("\u2581a", "b"),
+                                       ("\u2581", "b")], byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=SPECIAL[3:])
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def save_wordpiece_tokenizer(path):
+    """WordPiece (BERT-style): a window that starts on a "##" piece keeps the "##"."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIAL + ["x", "y", "##y", "#", "##x", "a", "##a", ".", "##.", "ab"]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=SPECIAL[3:])
+    fast.save_pretrained(str(path))
+    return fast, len(words)
+
+
+def fallback_ids(rng, tok) -> list[int]:
+    """About 90 tokens of text over FALLBACK_TEXT (CJK, emoji and "€" as byte runs),
+    with runs of special tokens and, now and then, a lone byte token."""
+    ids = []
+    while len(ids) < 90:
+        r = rng.random()
+        if r < 0.08:
+            ids += [rng.randrange(len(SPECIAL))] * rng.randrange(5, 40)
+        elif r < 0.12:
+            ids.append(len(SPECIAL) + rng.randrange(128, 256))  # an invalid lone byte
+        else:
+            text = "".join(rng.choice(FALLBACK_TEXT) for _ in range(rng.randrange(1, 6)))
+            ids += tok(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from tests.helpers import make_checkpoint
@@ -234,16 +290,16 @@ def random_ids(rng, vocab_size: int) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("kind", ["bytes", "words"])
+@pytest.mark.parametrize("kind", ["bytes", "words", "byte-fallback", "wordpiece"])
 def test_window_check_agrees_with_decoding_every_prefix(tmp_path, kind):
-    if kind == "bytes":
-        tok, vocab_size = save_byte_tokenizer(tmp_path), 128
-    else:
-        tok, vocab_size = save_word_tokenizer(tmp_path)
+    tok, vocab_size = {"bytes": lambda: (save_byte_tokenizer(tmp_path), 128),
+                       "words": lambda: save_word_tokenizer(tmp_path),
+                       "byte-fallback": lambda: (save_fallback_tokenizer(tmp_path), None),
+                       "wordpiece": lambda: save_wordpiece_tokenizer(tmp_path)}[kind]()
     rng = random.Random(0)
     stopped_late = 0
     for case in range(60):
-        ids = random_ids(rng, vocab_size)
+        ids = fallback_ids(rng, tok) if vocab_size is None else random_ids(rng, vocab_size)
         full = decode(tok, ids)
         stops = []
         for _ in range(rng.randrange(1, 4)):
@@ -279,6 +335,18 @@ def test_a_window_that_starts_inside_a_split_character_still_finds_the_stop(tmp_
                 got = [completes_stop(lambda w: decode(tok, w), ids[:k], 0, 0, (stop,))
                        for k in range(1, len(ids) + 1)]
                 assert got == [False] * (len(ids) - 1) + [True], (j, x, y)
+
+
+def test_a_window_that_starts_on_a_wordpiece_continuation_still_finds_the_stop(tmp_path):
+    """A window starting on "##y" decodes as "##y..." (the decoder keeps the first
+    piece's "##"), which holds "#" before the last token adds a real one."""
+    tok, _ = save_wordpiece_tokenizer(tmp_path)
+    v = tok.get_vocab()
+    for n in range(1, 60):
+        ids = [v["x"]] + [v["##y"]] * n + [v["#"]]
+        got = [completes_stop(lambda w: decode(tok, w), ids[:k], 0, 0, ("#",))
+               for k in range(1, len(ids) + 1)]
+        assert got == [False] * (len(ids) - 1) + [True], n
 
 
 @pytest.mark.parametrize("stop,want", [("ab", ("ab",)), (["a", "bc"], ("a", "bc")),
