@@ -99,7 +99,7 @@ class RolloutConfig:
     max_tokens: int = _f(64, "response length cap; truncated responses score 0")
     stop: list | None = _f(None, "stop strings (e.g. ['</answer>']): a response ends at the "
                            "token that completes one; the verifier sees its text up to and "
-                           "including it, as the tokens trained on are")
+                           "including the stop string")
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
                                    "when the engine starts; set it when several rollout "
