@@ -66,7 +66,8 @@ class Engine:
         self.policy_version = 0
         self._rng = random.Random(self.config.seed)
         self._counters = dict.fromkeys(
-            ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens", "decode_tokens",
+            ("prefill_tokens", "cached_prompt_tokens", "recomputed_tokens",
+             "recomputed_prompt_tokens", "decode_tokens",
              "decode_rows", "shared_decode_pages", "decode_steps", "extend_steps",
              "samples"), 0)
         # decode_rows: rows the model computed in decode steps; below decode_tokens when
@@ -203,6 +204,9 @@ class Engine:
                 self.scheduler.pending.extend(g.samples)
             else:
                 self._counters["recomputed_tokens"] += n
+                # the prompt's partial last page is private to each sample: recomputed too
+                self._counters["recomputed_prompt_tokens"] += max(
+                    0, item.target.group.prompt_len - item.start)
                 item.target.num_cached = len(item.target.token_ids)
                 item.target.merged_with = None
                 resumed.append(item.target)

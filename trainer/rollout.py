@@ -122,7 +122,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     return Rollouts(kept, metrics)
 
 
-_COUNTS = ("decode_tokens", "decode_rows", "prefill_tokens")
+_COUNTS = ("decode_tokens", "decode_rows", "prefill_tokens", "recomputed_prompt_tokens")
 
 
 def _engine_counts(engine) -> dict | None:
@@ -134,15 +134,17 @@ def _engine_counts(engine) -> dict | None:
 def _engine_metrics(before: dict, after: dict, generated: list[Group]) -> dict:
     """decode_rows_fraction: the share of sample-tokens the model computed in decode
     (merged samples decode as one row). prefix_cache_hit_rate: the share of the samples'
-    prompt tokens not computed, as SGLang counts it with each sample a request: at least
-    1 - 1/N from the group fork, more where the radix cache held part of a prompt."""
+    prompt tokens not computed, as SGLang counts it with each sample a request: 1 - 1/N
+    from the group fork, more where the radix cache held part of a prompt, less where
+    preempted samples recomputed their copy of the prompt's partial last page."""
     d = {k: after[k] - before[k] for k in _COUNTS}
     out = {}
     if d["decode_tokens"] > 0:
         out["rollout/decode_rows_fraction"] = d["decode_rows"] / d["decode_tokens"]
     prompt_tokens = sum(g.n * len(g.prompt_ids) for g in generated)
     if prompt_tokens:
-        out["rollout/prefix_cache_hit_rate"] = 1.0 - d["prefill_tokens"] / prompt_tokens
+        computed = d["prefill_tokens"] + d["recomputed_prompt_tokens"]
+        out["rollout/prefix_cache_hit_rate"] = 1.0 - computed / prompt_tokens
     return out
 
 

@@ -65,6 +65,20 @@ def test_small_pool_preempts_yet_gives_the_same_samples(qwen2):
     assert s["free_pages"] + s["cached_pages"] == s["num_pages"]  # nothing leaked
 
 
+def test_recomputed_prompt_tokens_count_the_prompt_tail_each_preempted_sample_redoes(qwen2):
+    """A preempted sample keeps the group's whole prompt pages and recomputes from there:
+    the prompt's partial last page (its private copy), then its own tokens. stats()
+    counts that prompt part apart, for the trainer's prefix-cache hit rate."""
+    path, _ = qwen2
+    prompt = list(range(5, 27))  # 22 tokens: 5 whole pages of 4 and a tail of 2
+    params = SamplingParams(n=12, max_tokens=40, seed=123, ignore_eos=True)
+    engine, _ = run(path, [prompt], params, max_kv_tokens=50 * PAGE, reserve_ratio=0.0)
+    s = engine.stats()
+    assert s["preemptions"] > 0
+    assert s["recomputed_prompt_tokens"] == s["preemptions"] * (len(prompt) % PAGE)
+    assert s["prefill_tokens"] == len(prompt)
+
+
 def test_full_reservation_never_preempts(qwen2):
     path, _ = qwen2
     params = SamplingParams(n=12, max_tokens=40, seed=123, ignore_eos=True)

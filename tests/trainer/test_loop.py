@@ -242,3 +242,18 @@ def test_rollout_stop_strings_end_responses_and_the_verifier_sees_them(tiny_poli
 def test_bad_stop_strings_fail_when_the_config_loads(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+def test_prefix_cache_hit_rate_counts_prompt_tails_recomputed_after_preemption():
+    from trainer.data import Problem
+    from trainer.rollout import Group, _engine_metrics
+
+    g = Group(Problem("p", "1", "math"), list(range(22)), [[5]] * 12, [[-1.0]] * 12,
+              ["stop"] * 12, torch.zeros(12))
+    before = dict(decode_tokens=0, decode_rows=0, prefill_tokens=0,
+                  recomputed_prompt_tokens=0)
+    after = dict(decode_tokens=120, decode_rows=30, prefill_tokens=22,
+                 recomputed_prompt_tokens=2 * 9)  # 9 preemptions, a 2-token tail each
+    m = _engine_metrics(before, after, [g])
+    assert m["rollout/prefix_cache_hit_rate"] == pytest.approx(1 - (22 + 18) / (12 * 22))
+    assert m["rollout/decode_rows_fraction"] == pytest.approx(0.25)
