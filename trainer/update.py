@@ -201,15 +201,11 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
     from them (`logprob_mismatch`)."""
     device = next(model.parameters()).device
     everyone = samples
-    counts = [1] * len(samples)
     if cfg.optim.merge_identical_samples:
         first: dict[tuple, Sample] = {}
-        times: dict[tuple, int] = {}
         for s in everyone:
-            key = (tuple(s.ids), s.start)
-            first.setdefault(key, s)
-            times[key] = times.get(key, 0) + 1
-        samples, counts = list(first.values()), list(times.values())
+            first.setdefault((tuple(s.ids), s.start), s)
+        samples = list(first.values())
     mine: list[list[float]] = []
     for micro in micro_batches(samples, cfg.optim.micro_batch_size, dp):
         batch = micro or samples[:1]  # an empty share still joins the collectives
@@ -224,7 +220,15 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
     if everyone is not samples:
         for s in everyone:
             s.old_logprobs = first[(tuple(s.ids), s.start)].old_logprobs
-    return logprob_mismatch(samples, counts)
+    # samples with the same tokens may hold different behaviour logprobs (another
+    # prompt's group, a batch-dependent kernel): each distinct pair counts on its own
+    times: dict[tuple, int] = {}
+    reps: dict[tuple, Sample] = {}
+    for s in everyone:
+        key = (tuple(s.ids), s.start, tuple(s.behaviour_logprobs))
+        reps.setdefault(key, s)
+        times[key] = times.get(key, 0) + 1
+    return logprob_mismatch(list(reps.values()), list(times.values()))
 
 
 def logprob_mismatch(samples: list[Sample], counts: list[int]) -> dict:

@@ -132,3 +132,29 @@ def test_logprob_mismatch_weights_each_distinct_sample_by_its_count():
     assert got["mismatch/prob_abs_mean"] == pytest.approx(
         3 * abs(math.exp(-1.5) - math.exp(-1.0)) / 7)
     assert logprob_mismatch([], []) == {}
+
+
+def test_recompute_counts_the_mismatch_of_each_behaviour_even_for_equal_tokens(tmp_path):
+    """Two samples with the same tokens but behaviour logprobs apart (two groups of one
+    prompt, or a batch-dependent kernel) share their recomputed old logprobs, yet each
+    one's mismatch counts: merged or not, the statistics are the same."""
+    from tests.helpers import make_checkpoint
+    from trainer.policy import load_policy
+    from trainer.update import Sample, recompute_old_logprobs
+
+    path = str(tmp_path / "policy")
+    make_checkpoint(path, "qwen2", seed=2)
+    model = load_policy(path).eval()
+    got = {}
+    for merge in (True, False):
+        cfg = load_config(None, ["algorithm.old_logprobs=recompute",
+                                 f"optim.merge_identical_samples={merge}"])
+        a = Sample([3, 4, 5, 6], 2, 1.0, [-1.0, -2.0])
+        b = Sample([3, 4, 5, 6], 2, -1.0, [-1.5, -2.5])
+        got[merge] = recompute_old_logprobs(model, [a, b], cfg, 0)
+        assert a.old_logprobs == b.old_logprobs
+    assert got[True] == pytest.approx(got[False], rel=1e-5)  # batch of 1 vs 2: rounding
+    old = torch.tensor(a.old_logprobs)
+    want = ((old - torch.tensor([-1.0, -2.0])).abs().sum()
+            + (old - torch.tensor([-1.5, -2.5])).abs().sum()) / 4
+    assert got[True]["mismatch/logprob_abs_mean"] == pytest.approx(float(want), rel=1e-6)
