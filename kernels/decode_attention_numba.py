@@ -93,7 +93,8 @@ def paged_decode_numba(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out float32 [B, H, D], lse float32 [B, H]) as `paged_decode_ref` returns.
     Raises ValueError on bad dtypes, devices, shapes and lengths, IndexError on page ids
-    outside the pool."""
+    outside the pool among those a row reads (table entries past a row's length are never
+    read and may hold anything; the reference asks every entry to be a valid page id)."""
     _check_inputs(q, k_cache, v_cache, page_table, seq_lens)
     B, H, D = q.shape
     out = np.empty((B, H, D), dtype=np.float32)

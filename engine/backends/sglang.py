@@ -35,7 +35,10 @@ def to_sglang_params(p: SamplingParams) -> dict:
     if p.stop:
         out["stop"] = list(p.stop)
         if p.include_stop_str_in_output:
-            out["no_stop_trim"] = True  # SGLang's name: keep the stop string in the text
+            # SGLang's name: keep the stop string in the text. Versions differ in what
+            # follows it: newer ones cut right after it, as our engine does; older ones
+            # keep the rest of the completing token's text too.
+            out["no_stop_trim"] = True
     return out
 
 

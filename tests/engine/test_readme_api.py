@@ -58,7 +58,8 @@ def test_the_readme_engine_example_runs_and_gives_what_it_says(readme_run):
     assert sample.finish_reason in ("stop", "length")
     assert all(lp <= 0 for lp in sample.logprobs)
     stats = env["eng"].stats()
-    # the keys the example's comment names (and DESIGN.md's contract: at least these)
+    # the keys the example's comment names (and the design's engine contract: at least
+    # these five)
     comment = code.split("eng.stats()", 1)[1].split("eng.update_weights", 1)[0]
     named = re.findall(r"[a-z_]+", comment)
     assert {"prefill_tokens", "cached_prompt_tokens", "decode_tokens", "preemptions",
