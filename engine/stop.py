@@ -26,10 +26,18 @@ stops iff a stop string is in it. Genuine replacement characters in the text onl
 the window longer (up to the whole completion); stop strings that contain U+FFFD are the
 one exception to exactness. Everything is a function of the sample's own tokens, so
 batching, preemption and merged decode rows cannot change where it stops.
+
+Cost. A window starts a multiple of _ALIGN_TOKENS tokens into the completion (any start
+that meets the conditions above is exact), so a sample's consecutive checks mostly share
+it and this check's decode(w[:-1]) is the last one's decode(w): `StopChecker` keeps the
+last call's texts, keyed by their token ids, and decodes one window per sample and step
+but every _ALIGN_TOKENS-th. The windows it still needs it decodes in one call to the
+fast tokenizer's Rust backend where that is provably the same as `tokenizer.decode`.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from engine.request import Sequence
@@ -38,29 +46,56 @@ from engine.sampling_params import SamplingParams
 _EDGE_CHARS = 4  # characters at either end of a decoded window that may differ
 _FFFD = "\ufffd"  # the replacement character: bytes that do not make a whole character
 _SLACK_TOKENS = 8  # window tokens beyond one per character, for tokens decoding to nothing
+_ALIGN_TOKENS = 8  # window starts are multiples of this past the completion's start
 
 
 class StopChecker:
-    """Which samples' last tokens complete a stop string (see the module docstring)."""
+    """Which samples' last tokens complete a stop string (see the module docstring).
 
-    def __init__(self, tokenizer) -> None:
+    batch: decode each step's first windows in one call to the fast tokenizer's Rust
+    backend where that provably equals `tokenizer.decode` (see `batch_decoder`); False
+    decodes them one by one (the reference the batched path is tested against)."""
+
+    def __init__(self, tokenizer, batch: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.batch = batch
+        # The last stopped() call's windows (ids -> text): this call's decode(w[:-1]) is
+        # mostly the last one's decode(w). Keyed by the exact ids, so it cannot change a
+        # decision; it assumes the tokenizer does not change under the checker.
+        self._last: dict[tuple[int, ...], str] = {}
 
     def stopped(self, seqs: list[Sequence]) -> list[bool]:
         """For samples whose groups set `stop` and that hold more than min_tokens
         completion tokens: whether their text now contains a stop string."""
-        decode = self.decoder({})  # merged samples share their windows
-        return [completes_stop(decode, s.token_ids, s.group.prompt_len,
-                               s.group.params.min_tokens, s.group.params.stop)
-                for s in seqs]
+        firsts = [first_windows(s.token_ids, s.group.prompt_len, s.group.params.min_tokens,
+                                s.group.params.stop) for s in seqs]
+        texts: dict[tuple[int, ...], str] = {}  # merged samples share their windows
+        missing = []
+        last = self._last
+        for key in dict.fromkeys(w for ws in firsts for w in ws):
+            text = last.get(key)
+            if text is None:
+                missing.append(key)
+            else:
+                texts[key] = text
+        decode_batch = batch_decoder(self.tokenizer) if self.batch else None
+        if decode_batch is not None:
+            texts.update(zip(missing, decode_batch(missing)))
+        decode = self.decoder(texts)  # what is still missing, one by one
+        hits = [completes_stop(decode, s.token_ids, s.group.prompt_len,
+                               s.group.params.min_tokens, s.group.params.stop, first)
+                for s, first in zip(seqs, firsts)]
+        self._last = texts
+        return hits
 
-    def decoder(self, texts: dict[tuple[int, ...], str]) -> Callable[[list[int]], str]:
+    def decoder(self, texts: dict[tuple[int, ...], str]
+                ) -> Callable[[list[int] | tuple[int, ...]], str]:
         """decode(ids) as the outputs' texts are decoded, once per distinct ids in texts."""
-        def decode(ids: list[int]) -> str:
-            key = tuple(ids)
+        def decode(ids: list[int] | tuple[int, ...]) -> str:
+            key = tuple(ids)  # a tuple is its own key, not a copy
             text = texts.get(key)
             if text is None:
-                text = texts[key] = self.tokenizer.decode(ids, skip_special_tokens=True)
+                text = texts[key] = self.tokenizer.decode(list(ids), skip_special_tokens=True)
             return text
 
         return decode
@@ -75,28 +110,77 @@ class StopChecker:
         return text
 
 
-def completes_stop(decode: Callable[[list[int]], str], ids: list[int], begin: int,
-                   min_tokens: int, stop: tuple[str, ...]) -> bool:
+def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
+    """The Rust backend's decode_batch where it gives, list by list, exactly
+    tokenizer.decode(ids, skip_special_tokens=True), else None. That holds for a fast
+    tokenizer whose class and instance keep transformers' own decode and _decode (which
+    call the backend's decode, then `clean_up_tokenization` when clean_up_tokenization_spaces
+    is set: for some model types or transformers versions only, so any truthy value
+    refuses). Checked at every call: the attributes can change after construction."""
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, PreTrainedTokenizerFast)
+            or tokenizer.clean_up_tokenization_spaces
+            or cls.decode is not PreTrainedTokenizerFast.decode
+            or cls._decode is not PreTrainedTokenizerFast._decode
+            or "decode" in vars(tokenizer) or "_decode" in vars(tokenizer)):
+        return None
+    backend = tokenizer.backend_tokenizer
+    return lambda windows: backend.decode_batch(windows, skip_special_tokens=True)
+
+
+@functools.cache
+def _widths(stop: tuple[str, ...]) -> tuple[int, int]:
+    """(characters a window must hold besides its edges, its first width in tokens)."""
+    need = max(map(len, stop)) - 1 + 2 * _EDGE_CHARS
+    return need, need + 1 + _SLACK_TOKENS
+
+
+def _window_start(num_ids: int, begin: int, width: int) -> int:
+    """The start of a window of at least `width` tokens that ends the ids: a multiple of
+    _ALIGN_TOKENS past begin, so it moves once every _ALIGN_TOKENS tokens (begin: the
+    whole completion, while it has fewer than width + _ALIGN_TOKENS tokens)."""
+    room = num_ids - begin - width
+    return begin if room < 0 else begin + room - room % _ALIGN_TOKENS
+
+
+def first_windows(ids: list[int], begin: int, min_tokens: int,
+                  stop: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """The windows `completes_stop` decodes when it need not grow its first one: the
+    whole completion at the first check or while it is short, else (w[:-1], w)."""
+    start = _window_start(len(ids), begin, _widths(stop)[1])
+    if len(ids) - begin == min_tokens + 1 or start == begin:
+        return (tuple(ids[begin:]),)
+    w = tuple(ids[start:])
+    return w[:-1], w
+
+
+def completes_stop(decode: Callable[[list[int] | tuple[int, ...]], str], ids: list[int],
+                   begin: int, min_tokens: int, stop: tuple[str, ...],
+                   first: tuple[tuple[int, ...], ...] | None = None) -> bool:
     """Whether the completion ids[begin:] (len(ids) - begin > min_tokens tokens) contains
     a stop string, given that it did not one token earlier unless this is the first
-    check (min_tokens + 1 tokens). Decodes a bounded window but at the first check."""
-    if len(ids) - begin == min_tokens + 1:
-        text = decode(ids[begin:])
+    check (min_tokens + 1 tokens). Decodes a bounded window but at the first check.
+    first: first_windows(ids, begin, min_tokens, stop) when the caller has it."""
+    first = first or first_windows(ids, begin, min_tokens, stop)
+    if len(first) == 1:  # the first check or the whole completion: exact, nothing to cut
+        text = decode(first[0])
         return any(s in text for s in stop)
-    need = max(map(len, stop)) - 1 + 2 * _EDGE_CHARS
-    width = need + 1 + _SLACK_TOKENS
+    need, width = _widths(stop)
+    window, before = first[1], decode(first[0])
     while True:
-        start = max(begin, len(ids) - width)
-        if start == begin:  # the whole completion: exact, nothing to cut
-            text = decode(ids[begin:])
-            return any(s in text for s in stop)
-        before = decode(ids[start:-1])
         lead = len(before) - len(before.lstrip(_FFFD))
         trail = len(before) - len(before.rstrip(_FFFD))
         if lead <= _EDGE_CHARS and len(before) - trail >= need:
             break
         width *= 2
-    text = decode(ids[start:])[_EDGE_CHARS:]
+        start = _window_start(len(ids), begin, width)
+        if start == begin:
+            text = decode(ids[begin:])
+            return any(s in text for s in stop)
+        window, before = ids[start:], decode(ids[start:-1])
+    text = decode(window)[_EDGE_CHARS:]
     return any(s in text for s in stop)
 
 

@@ -5,12 +5,13 @@ reference on random token runs (split UTF-8 characters, special tokens that deco
 nothing), and the result does not depend on merging, preemption, batching or n."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine import Engine, SamplingParams
-from engine.stop import completes_stop
+from engine.stop import StopChecker, batch_decoder, completes_stop
 
 PAGE = 4
 SPECIAL = ["<pad>", "<s>", "</s>"] + [f"<x{i}>" for i in range(3, 8)]  # ids 0..7, eos 2
@@ -97,14 +98,15 @@ def save_fallback_tokenizer(path):
     return fast
 
 
-def save_wordpiece_tokenizer(path):
-    """WordPiece (BERT-style): a window that starts on a "##" piece keeps the "##"."""
+def save_wordpiece_tokenizer(path, decoder_cleanup: bool = True):
+    """WordPiece (BERT-style): a window that starts on a "##" piece keeps the "##".
+    decoder_cleanup=False leaves " ." to transformers' clean_up_tokenization_spaces."""
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     words = SPECIAL + ["x", "y", "##y", "#", "##x", "a", "##a", ".", "##.", "ab"]
     tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tok.decoder = decoders.WordPiece()
+    tok.decoder = decoders.WordPiece(cleanup=decoder_cleanup)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
                                    additional_special_tokens=SPECIAL[3:])
     fast.save_pretrained(str(path))
@@ -275,7 +277,9 @@ def test_requests_without_stop_strings_never_decode_and_windows_stay_bounded(che
     out = engine.generate(PROMPTS, SamplingParams(n=3, max_tokens=150, seed=1,
                                                   ignore_eos=True, stop=["zzzz"]))
     assert {c.finish_reason for o in out for c in o.outputs} == {"length"}
-    assert len(lengths) > 2 * 6 * 140  # two windows per token
+    # one window per token (the last token's window without it is the one before's), and
+    # a second when the window's start moves on (every 8 tokens)
+    assert 6 * 140 < len(lengths) < 6 * 150 * 5 // 4
     assert sum(n > 100 for n in lengths) == 6  # only the outputs' texts decode it all
 
 
@@ -290,33 +294,97 @@ def random_ids(rng, vocab_size: int) -> list[int]:
     return ids
 
 
-@pytest.mark.parametrize("kind", ["bytes", "words", "byte-fallback", "wordpiece"])
+KINDS = ["bytes", "words", "byte-fallback", "wordpiece"]
+
+
+def make_tokenizer(path, kind: str):
+    """(tokenizer, vocab size or None for byte fallback, whose ids come from text)."""
+    return {"bytes": lambda: (save_byte_tokenizer(path), 128),
+            "words": lambda: save_word_tokenizer(path),
+            "byte-fallback": lambda: (save_fallback_tokenizer(path), None),
+            "wordpiece": lambda: save_wordpiece_tokenizer(path),
+            "wordpiece-cleanup": lambda: save_wordpiece_tokenizer(path, False)}[kind]()
+
+
+def random_case(rng, tok, vocab_size) -> tuple[list[int], list[str], int]:
+    """Token ids, stop strings taken from their text (possibly none), and min_tokens."""
+    ids = fallback_ids(rng, tok) if vocab_size is None else random_ids(rng, vocab_size)
+    full = decode(tok, ids)
+    stops = []
+    for _ in range(rng.randrange(1, 4)):
+        n = rng.randrange(1, 9)
+        i = rng.randrange(0, max(1, len(full) - n))
+        s = full[i:i + n].replace("\ufffd", "")
+        if s:
+            stops.append(s)
+    return ids, stops, rng.choice([0, 0, 5, 40])
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_window_check_agrees_with_decoding_every_prefix(tmp_path, kind):
-    tok, vocab_size = {"bytes": lambda: (save_byte_tokenizer(tmp_path), 128),
-                       "words": lambda: save_word_tokenizer(tmp_path),
-                       "byte-fallback": lambda: (save_fallback_tokenizer(tmp_path), None),
-                       "wordpiece": lambda: save_wordpiece_tokenizer(tmp_path)}[kind]()
+    tok, vocab_size = make_tokenizer(tmp_path, kind)
     rng = random.Random(0)
     stopped_late = 0
     for case in range(60):
-        ids = fallback_ids(rng, tok) if vocab_size is None else random_ids(rng, vocab_size)
-        full = decode(tok, ids)
-        stops = []
-        for _ in range(rng.randrange(1, 4)):
-            n = rng.randrange(1, 9)
-            i = rng.randrange(0, max(1, len(full) - n))
-            s = full[i:i + n].replace("\ufffd", "")
-            if s:
-                stops.append(s)
+        ids, stops, m = random_case(rng, tok, vocab_size)
         if not stops:
             continue
-        m = rng.choice([0, 0, 5, 40])
         want = first_stop(tok, ids, stops, m)
         got = next((k for k in range(m + 1, len(ids) + 1) if completes_stop(
             lambda w: decode(tok, w), ids[:k], 0, m, tuple(stops))), None)
         assert got == want, (case, stops, m)
         stopped_late += bool(want and want > m + 25)
     assert stopped_late >= 10
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "wordpiece-cleanup"])
+def test_batched_and_one_by_one_checks_agree_step_by_step(tmp_path, kind):
+    """StopChecker.stopped over a batch, one token per step as the engine calls it (its
+    memo of the last step, merged samples, min_tokens): decoding the step's windows in
+    one backend call and one by one give the same decisions and texts, those of the
+    reference. With clean_up_tokenization_spaces (which changes WordPiece texts where
+    the backend's decoder does not clean them) the batched path is refused, and the
+    one-by-one texts are the cleaned ones."""
+    tok, vocab_size = make_tokenizer(tmp_path, kind)
+    cleanup = kind.endswith("-cleanup")
+    tok.clean_up_tokenization_spaces = cleanup
+    assert (batch_decoder(tok) is None) == cleanup
+    rng = random.Random(2)
+    cases = [c for c in (random_case(rng, tok, vocab_size) for _ in range(40)) if c[1]]
+    cases += cases[:6]  # identical samples share their windows within a step
+    prompt = [len(SPECIAL)] * 3
+    if cleanup:
+        raw = tok.backend_tokenizer.decode_batch([c[0] for c in cases],
+                                                 skip_special_tokens=True)
+        assert sum(r != decode(tok, c[0]) for r, c in zip(raw, cases)) >= 10
+    checkers = StopChecker(tok), StopChecker(tok, batch=False)
+    params = [SamplingParams(max_tokens=400, stop=stops, min_tokens=m)
+              for _, stops, m in cases]
+    groups = [SimpleNamespace(prompt_len=len(prompt), params=p) for p in params]
+    stopped_at = {}
+    for k in range(1, max(len(c[0]) for c in cases) + 1):
+        live = [i for i, (ids, _, m) in enumerate(cases)
+                if i not in stopped_at and m < k <= len(ids)]
+        seqs = [SimpleNamespace(token_ids=prompt + cases[i][0][:k], group=groups[i])
+                for i in live]
+        batched, single = (c.stopped(seqs) for c in checkers)
+        assert batched == single, k
+        stopped_at.update((i, k) for i, hit in zip(live, batched) if hit)
+    assert len(stopped_at) >= len(cases) // 2
+    for i, (ids, stops, m) in enumerate(cases):
+        assert stopped_at.get(i) == first_stop(tok, ids, stops, m), i
+        if i in stopped_at:
+            out = ids[:stopped_at[i]]
+            texts = [c.text(out, params[i], "stop", {}) for c in checkers]
+            assert texts == [cut(decode(tok, out), stops, False)] * 2
+
+
+def test_the_batched_path_is_refused_when_decode_is_replaced(tmp_path):
+    tok = save_byte_tokenizer(tmp_path)
+    assert batch_decoder(tok) is not None
+    tok.decode = lambda ids, **kw: "x"
+    assert batch_decoder(tok) is None
+    assert StopChecker(tok).decoder({})([9, 10]) == "x"
 
 
 def test_a_window_that_starts_inside_a_split_character_still_finds_the_stop(tmp_path):
