@@ -221,14 +221,9 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
         for s in everyone:
             s.old_logprobs = first[(tuple(s.ids), s.start)].old_logprobs
     # samples with the same tokens may hold different behaviour logprobs (another
-    # prompt's group, a batch-dependent kernel): each distinct pair counts on its own
-    times: dict[tuple, int] = {}
-    reps: dict[tuple, Sample] = {}
-    for s in everyone:
-        key = (tuple(s.ids), s.start, tuple(s.behaviour_logprobs))
-        reps.setdefault(key, s)
-        times[key] = times.get(key, 0) + 1
-    return logprob_mismatch(list(reps.values()), list(times.values()))
+    # prompt's group, a batch-dependent kernel): merge_identical keeps them apart
+    rows = merge_identical(everyone)
+    return logprob_mismatch([s for s, _ in rows], [c for _, c in rows])
 
 
 def logprob_mismatch(samples: list[Sample], counts: list[int]) -> dict:
