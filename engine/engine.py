@@ -310,12 +310,18 @@ class Engine:
     def _output(self, g: Group) -> RequestOutput:
         outs = []
         texts: dict[tuple[int, ...], str] = {}  # a group's repeated outputs decode once
+        user_stop_ids = g.params.stop_token_ids or ()
         for s in g.samples:
             ids = s.output_ids
-            text = None if self.tokenizer is None else self._stop.text(
-                ids, g.params, s.finish_reason, texts)
+            on_token = s.finish_reason == "stop" and ids[-1] in g.stop_ids  # checked first
+            text, reason = None, None
+            if self.tokenizer is not None:
+                text, reason = self._stop.text(
+                    ids, g.params, s.finish_reason == "stop" and not on_token, texts)
+            if on_token and ids[-1] in user_stop_ids:  # an EOS of the model: None
+                reason = ids[-1]
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
-                                         else None, s.finish_reason, text))
+                                         else None, s.finish_reason, text, reason))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
 
 

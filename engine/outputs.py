@@ -16,6 +16,9 @@ class CompletionOutput:
     # after it with include_stop_str_in_output), while token_ids keep the token that
     # completed it
     text: str | None = None
+    # vLLM's: the stop string or the token of stop_token_ids the sample stopped on; None
+    # when it stopped on an EOS token of the model or at max_tokens
+    stop_reason: int | str | None = None
 
 
 @dataclass

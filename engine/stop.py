@@ -100,14 +100,18 @@ class StopChecker:
 
         return decode
 
-    def text(self, output_ids: list[int], params: SamplingParams, finish_reason: str,
-             texts: dict[tuple[int, ...], str]) -> str:
+    def text(self, output_ids: list[int], params: SamplingParams, stopped: bool,
+             texts: dict[tuple[int, ...], str]) -> tuple[str, str | None]:
         """A finished sample's text: its whole completion decoded (once per distinct
-        completion in `texts`), cut at a stop string when it stopped on one."""
+        completion in `texts`), cut at a stop string when it `stopped` on one (not on a
+        stop token); and that stop string, else None."""
         text = self.decoder(texts)(output_ids)
-        if params.stop and finish_reason == "stop":
-            text = cut_text(text, params.stop, params.include_stop_str_in_output)
-        return text
+        hit = find_stop(text, params.stop) if stopped and params.stop else None
+        if hit is None:
+            return text, None
+        stop, start = hit
+        end = start + len(stop) if params.include_stop_str_in_output else start
+        return text[:end], stop
 
 
 def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
@@ -184,15 +188,12 @@ def completes_stop(decode: Callable[[list[int] | tuple[int, ...]], str], ids: li
     return any(s in text for s in stop)
 
 
-def cut_text(text: str, stop: tuple[str, ...], include: bool) -> str:
-    """The text of a sample that stopped: cut before the stop string occurrence that ends
-    first (at equal ends, the longer), or after it with include; as it is when none
-    occurs (it stopped on a stop token)."""
+def find_stop(text: str, stop: tuple[str, ...]) -> tuple[str, int] | None:
+    """The stop string whose first occurrence in text ends first (at equal ends, the
+    longer) and where that occurrence starts, or None."""
     best = None
     for s in stop:
         i = text.find(s)
-        if i >= 0 and (best is None or (i + len(s), i) < best):
-            best = (i + len(s), i)
-    if best is None:
-        return text
-    return text[:best[0]] if include else text[:best[1]]
+        if i >= 0 and (best is None or (i + len(s), i) < (best[1] + len(best[0]), best[1])):
+            best = (s, i)
+    return best

@@ -42,8 +42,10 @@ def to_sglang_params(p: SamplingParams) -> dict:
     return out
 
 
-def from_sglang_output(result: dict) -> CompletionOutput:
-    """One SGLang result dict -> CompletionOutput (token ids, logprobs, finish reason)."""
+def from_sglang_output(result: dict, stop_token_ids: tuple[int, ...] = ()) -> CompletionOutput:
+    """One SGLang result dict -> CompletionOutput (token ids, logprobs, finish reason).
+    stop_reason: SGLang's `matched` when it is a stop string or one of the request's
+    stop_token_ids (an EOS token of the model matches too, and gives None, as vLLM)."""
     meta = result.get("meta_info", {})
     ids = result.get("output_ids")
     lps = meta.get("output_token_logprobs")
@@ -59,7 +61,11 @@ def from_sglang_output(result: dict) -> CompletionOutput:
     if logprobs is not None and len(logprobs) != len(ids):
         raise ValueError(f"SGLang result has {len(ids)} output_ids but {len(logprobs)} "
                          "output_token_logprobs: the trainer needs one logprob per token")
-    return CompletionOutput(0, list(ids), logprobs, _FINISH[kind], result.get("text"))
+    matched = reason.get("matched") if isinstance(reason, dict) else None
+    if not isinstance(matched, str) and matched not in stop_token_ids:
+        matched = None
+    return CompletionOutput(0, list(ids), logprobs, _FINISH[kind], result.get("text"),
+                            matched)
 
 
 class SGLangEngine:
@@ -103,7 +109,7 @@ class SGLangEngine:
         for index, (i, p) in enumerate(zip(ids, params)):
             samples = []
             for j in range(p.n):
-                c = from_sglang_output(results[k])
+                c = from_sglang_output(results[k], p.stop_token_ids or ())
                 c.index = j
                 if not p.logprobs:
                     c.logprobs = None

@@ -130,6 +130,18 @@ def test_stop_tokens_min_tokens_and_eos(qwen2):
     assert all(not set(c.token_ids[:7]) & set(stop + [2]) for c in out)
 
 
+def test_stop_reason_names_the_stop_token_but_not_eos_or_length(qwen2):
+    """vLLM's stop_reason: the token of stop_token_ids a sample stopped on; None when it
+    stopped on the model's EOS (2) or at max_tokens."""
+    path, _ = qwen2
+    engine = Engine(path, page_size=PAGE, max_kv_tokens=8192)
+    out = engine.generate([9, 10], SamplingParams(n=200, max_tokens=20, seed=1,
+                                                  stop_token_ids=[5]))[0].outputs
+    ends = {(c.finish_reason, c.token_ids[-1] if c.finish_reason == "stop" else None,
+             c.stop_reason) for c in out}
+    assert ends == {("stop", 5, 5), ("stop", 2, None), ("length", None, None)}
+
+
 def test_logprobs_are_of_the_temperature_scaled_full_softmax(qwen2):
     path, model = qwen2
     engine = Engine(path, page_size=PAGE, max_kv_tokens=8192)

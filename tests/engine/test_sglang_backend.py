@@ -89,6 +89,15 @@ def test_logprobs_that_do_not_match_the_tokens_raise():
     assert out.token_ids == [1] and out.logprobs == [-0.1]
 
 
+@pytest.mark.parametrize("matched,stop_ids,want", [
+    ("</answer>", (), "</answer>"), (7, (7, 9), 7), (2, (7,), None), (None, (), None)],
+    ids=["stop-string", "stop-token", "eos", "none"])
+def test_stop_reason_is_the_matched_stop_string_or_stop_token(matched, stop_ids, want):
+    meta = {"finish_reason": {"type": "stop", "matched": matched}}
+    assert from_sglang_output({"output_ids": [1], "meta_info": meta},
+                              stop_ids).stop_reason == want
+
+
 def test_an_aborted_request_raises():
     with pytest.raises(RuntimeError, match="abort"):
         from_sglang_output({"output_ids": [1], "meta_info": {"finish_reason":

@@ -151,14 +151,15 @@ def first_stop(tok, ids, stops, min_tokens: int) -> int | None:
     return None
 
 
-def cut(text: str, stops, include: bool) -> str:
+def cut(text: str, stops, include: bool) -> tuple[str, str | None]:
     """The reference cut: at the first end position where the text ends in a stop string
-    (the longest one ending there)."""
+    (the longest one ending there); and that stop string."""
     for end in range(1, len(text) + 1):
         hits = [s for s in stops if text[:end].endswith(s)]
         if hits:
-            return text[:end] if include else text[:end - max(map(len, hits))]
-    return text
+            hit = max(hits, key=len)
+            return (text[:end] if include else text[:end - len(hit)]), hit
+    return text, None
 
 
 def generate(path, prompts, params, **kw):
@@ -197,7 +198,8 @@ def check_against_reference(tok, free, got, stops, max_tokens, min_tokens, inclu
                                        torch.tensor(fc.logprobs[:len(want)]), atol=1e-4,
                                        rtol=0)
             text = decode(tok, want)
-            assert gc.text == (cut(text, stops, include) if k else text)
+            assert (gc.text, gc.stop_reason) == (cut(text, stops, include) if k
+                                                  else (text, None))
             if k:
                 ks.append(k)
     return ks
@@ -375,7 +377,7 @@ def test_batched_and_one_by_one_checks_agree_step_by_step(tmp_path, kind):
         assert stopped_at.get(i) == first_stop(tok, ids, stops, m), i
         if i in stopped_at:
             out = ids[:stopped_at[i]]
-            texts = [c.text(out, params[i], "stop", {}) for c in checkers]
+            texts = [c.text(out, params[i], True, {}) for c in checkers]
             assert texts == [cut(decode(tok, out), stops, False)] * 2
 
 
