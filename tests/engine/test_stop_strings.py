@@ -445,3 +445,26 @@ def test_stop_strings_without_a_tokenizer_are_refused_before_any_work(qwen2):
     assert engine.stats()["prefill_tokens"] == 0
     out = engine.generate([[5, 6]], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_a_stop_token_keeps_the_text_whole_and_names_itself(checkpoint):
+    """With min_tokens, a stop string can appear before the check starts; a sample whose
+    token min_tokens + 1 is a stop token stops on that token (checked first, as vLLM):
+    its text is not cut at the earlier stop string and its stop_reason is the token."""
+    path, tok = checkpoint
+    m, stop_ids = 8, list(range(20, 70))
+    common = dict(n=30, temperature=1.0, seed=4, ignore_eos=True, max_tokens=20,
+                  min_tokens=m, stop_token_ids=stop_ids)
+    _, free = generate(path, PROMPTS[:1], SamplingParams(**common))
+    on_token = [c for c in free[0].outputs if len(c.token_ids) == m + 1
+                and c.finish_reason == "stop"]
+    assert on_token
+    early = decode(tok, on_token[0].token_ids[:m])
+    stop = next(early[i:i + 3] for i in range(len(early) - 3)
+                if "\ufffd" not in early[i:i + 3])
+    _, got = generate(path, PROMPTS[:1], SamplingParams(**common, stop=[stop]))
+    for fc, gc in zip(free[0].outputs, got[0].outputs, strict=True):
+        if fc in on_token:
+            assert gc.token_ids == fc.token_ids and gc.stop_reason == fc.token_ids[-1]
+            assert gc.text == decode(tok, fc.token_ids)
+    assert got[0].outputs[on_token[0].index].text.find(stop) < len(early)
