@@ -14,6 +14,7 @@ from engine.cache_manager import CacheManager
 from engine.config import EngineConfig, ModelConfig
 from engine.inputs import normalize_params, normalize_prompts, tokenize, validate
 from engine.kv_pool import KVPool, num_pages_that_fit
+from engine.merging import assign_rows, distinct_contexts, sampler_rows
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderLM
 from engine.outputs import CompletionOutput, RequestOutput
@@ -26,12 +27,6 @@ from engine.tokenizer import load_tokenizer
 from kernels.transfer import upload
 
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
-# Merged decode rows feed the sampler as they are (each row's weights once, a binary search
-# per sample) when there are at most 1/16 as many rows as samples; otherwise the rows are
-# expanded for the fused per-sample sampler, which is faster per row (CPU, vocab 151936,
-# batch 512: 35 ms against 204 ms at 16 rows, 434 ms against 230 ms at 128;
-# bench/sampling_rows.py, bench/results/sampling-rows-cpu.json).
-_SHARED_ROW_SAMPLING = 16
 
 
 class Engine:
@@ -172,13 +167,13 @@ class Engine:
         for s in plan.start:  # their contexts are the prompt until they draw a token
             s.merged_with = s.group
         if self.config.merge_identical_samples:  # a group's samples: one row of logits
-            owners, index = _distinct_contexts(plan.start)
+            owners, index = distinct_contexts(plan.start)
         else:
             owners, index = plan.start, None
         logits = torch.stack([s.group.first_logits for s in owners])
         shared = None
         if index is not None:
-            logits, shared = _sampler_rows(logits, owners, index)
+            logits, shared = sampler_rows(logits, owners, index)
         finished = self._append(logits, plan.start, shared)
         for g in {id(s.group): s.group for s in owners}.values():
             if all(s.started for s in g.samples):
@@ -218,35 +213,21 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> int:
         t0 = time.perf_counter()
-        if self.config.merge_identical_samples:
-            rows, index = _distinct_contexts(seqs)
-        else:
-            rows, index = seqs, None
+        merge = self.config.merge_identical_samples
+        rows, index = distinct_contexts(seqs) if merge else (seqs, None)
         logits = self.runner.decode(rows)
-        if index is not None:
-            size = [0] * len(rows)
-            for r in index:
-                size[r] += 1
-            for s, r in zip(seqs, index):
-                s.merged_with = rows[r] if size[r] > 1 else None
-        elif self.config.merge_identical_samples:
-            for s in seqs:  # all distinct, and so from now on
-                s.merged_with = None
         shared = None
+        if merge:
+            owners, copies = assign_rows(seqs, rows, index)
         if index is not None:  # the merged samples get their row's new KV and logits
-            src, dst = [], []
-            for r, s in zip(index, seqs):
-                if rows[r] is not s:
-                    src.append(rows[r])
-                    dst.append(s)
-            self.runner.copy_new_kv(src, dst)
+            self.runner.copy_new_kv(owners, copies)
             # a page this step filled is read-only from now on: merged samples share one
             ps = self.config.page_size
-            full = [(a, b, b.num_cached // ps) for a, b in zip(src, dst)
+            full = [(a, b, b.num_cached // ps) for a, b in zip(owners, copies)
                     if (b.num_cached + 1) % ps == 0]
             if full:
                 self._counters["shared_decode_pages"] += self.cache.share_full_page(full)
-            logits, shared = _sampler_rows(logits, rows, index)
+            logits, shared = sampler_rows(logits, rows, index)
         for s in seqs:
             s.num_cached += 1
         finished = self._append(logits, seqs, shared)
@@ -323,39 +304,6 @@ class Engine:
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text, reason))
         return RequestOutput(g.index, g.prompt_ids, outs, g.num_cached_tokens)
-
-
-def _distinct_contexts(seqs: list[Sequence]) -> tuple[list[Sequence], list[int] | None]:
-    """The first sample of each distinct context (same group, same tokens) in order, and
-    for every sample the index of its context's row; None when all are distinct.
-
-    Only samples whose contexts were identical at their last step (the same merged_with)
-    can be identical now, and they are iff they have the same length and last token:
-    each step refines the previous one's partition, with no token lists compared."""
-    rows: list[Sequence] = []
-    index: list[int] = []
-    by_key: dict[tuple[object, int, int], int] = {}
-    for s in seqs:
-        if s.merged_with is not None:
-            ids = s.token_ids
-            r = by_key.setdefault((s.merged_with, len(ids), ids[-1]), len(rows))
-            if r < len(rows):
-                index.append(r)
-                continue
-        index.append(len(rows))
-        rows.append(s)
-    return rows, (index if len(rows) < len(seqs) else None)
-
-
-def _sampler_rows(logits: torch.Tensor, rows: list[Sequence], index: list[int]
-                  ) -> tuple[torch.Tensor, tuple[list[int], list[Sequence]] | None]:
-    """The sampler's inputs for logits with one row per distinct context (rows; sample i
-    draws from row index[i]): the rows as they are with (index, rows) for the per-row
-    sampler when there are at most 1/_SHARED_ROW_SAMPLING as many rows as samples, else
-    the rows expanded to one per sample for the fused sampler."""
-    if len(rows) * _SHARED_ROW_SAMPLING <= len(index):
-        return logits, (index, rows)
-    return logits[upload([np.asarray(index, dtype=np.int64)], logits.device)[0]], None
 
 
 def _progress(total: int, enabled: bool):

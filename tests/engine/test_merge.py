@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import Engine, SamplingParams
-from engine.engine import _distinct_contexts
+from engine.merging import distinct_contexts
 
 PAGE = 4
 
@@ -80,11 +80,11 @@ def test_a_step_refines_the_previous_partition_of_contexts():
     a, b = object(), object()
     seqs = [Seq([1, 2, 5], a), Seq([1, 2, 6], a), Seq([1, 2, 5], a), Seq([1, 2, 5, 5], a),
             Seq([1, 2, 5], None), Seq([1, 2, 5], b), Seq([1, 2, 5], b), Seq([1, 2, 5], None)]
-    rows, index = _distinct_contexts(seqs)
+    rows, index = distinct_contexts(seqs)
     assert rows == [seqs[0], seqs[1], seqs[3], seqs[4], seqs[5], seqs[7]]
     assert index == [0, 1, 0, 2, 3, 4, 4, 5]
-    assert _distinct_contexts(seqs[:2]) == (seqs[:2], None)
-    assert _distinct_contexts(seqs[4:6]) == (seqs[4:6], None)
+    assert distinct_contexts(seqs[:2]) == (seqs[:2], None)
+    assert distinct_contexts(seqs[4:6]) == (seqs[4:6], None)
 
 
 def test_samples_alone_in_their_row_are_never_compared_again(qwen2):
@@ -122,9 +122,9 @@ def test_stop_rules_and_min_tokens_hold_for_merged_samples(qwen2, monkeypatch, s
     """Merged rows go to the sampler once per row (shared_rows: the samples' bans and
     parameters are their row's) or expanded per sample: stop tokens, min_tokens bans and
     max_tokens give what they give alone."""
-    import engine.engine
+    import engine.merging
 
-    monkeypatch.setattr(engine.engine, "_SHARED_ROW_SAMPLING", 1 if shared_rows else 10**9)
+    monkeypatch.setattr(engine.merging, "SHARED_ROW_SAMPLING", 1 if shared_rows else 10**9)
     path, model = qwen2
     prompts = [list(range(5, 23)), list(range(40, 43))]
     # the most likely first tokens are stop tokens, so min_tokens has something to ban
