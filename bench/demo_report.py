@@ -66,7 +66,7 @@ def score(engine, problems, cfg, pool, k: int) -> dict:
 def main() -> None:
     from engine import Engine
     from trainer.checkpoint import latest_checkpoint
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.data import load_problems
     from trainer.demo import demo_policy
     from trainer.verifiers import VerifierPool

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from bench.throughput import device_name
     from engine import Engine, SamplingParams
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.data import gym_problems, render_prompt
     from trainer.demo import demo_policy
 

@@ -72,7 +72,7 @@ def main() -> None:
     from bench.throughput import device_name, versions
     from engine import Engine, SamplingParams
     from kernels.decode_attention_cpp import attention_ext_built
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.data import gym_problems, render_prompt
     from trainer.demo import demo_policy
     from trainer.policy import load_policy

@@ -64,7 +64,7 @@ def score(run, trained: list) -> dict:
 
 def main() -> None:
     from trainer import loop
-    from trainer.config import load_config
+    from trainer.config_load import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /

@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.config import TrainConfig, describe, load_config
+from trainer.config import TrainConfig
+from trainer.config_load import describe, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

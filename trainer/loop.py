@@ -32,7 +32,8 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from trainer.config import TrainConfig, to_dict
+from trainer.config import TrainConfig
+from trainer.config_load import to_dict
 from trainer.data import GYM_PREFIX, ProblemStream, load_problems
 from trainer.evaluate import evaluate
 from trainer.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics

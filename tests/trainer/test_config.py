@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trainer.config import DEMO_CONFIG, TrainConfig, all_keys, describe, load_config
+from trainer.config import TrainConfig
+from trainer.config_load import DEMO_CONFIG, all_keys, describe, load_config
 
 
 def test_demo_config_loads_and_overrides_apply():

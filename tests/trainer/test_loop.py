@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer import loop
-from trainer.config import load_config
+from trainer.config_load import load_config
 from trainer.loop import setup, train, train_step
 from trainer.metrics import read_metrics
 from trainer.policy import pad_batch, token_logprobs

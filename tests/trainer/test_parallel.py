@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import make_checkpoint
-from trainer.config import load_config
+from trainer.config_load import load_config
 from trainer.data import Problem
 from trainer.parallel import SINGLE
 from trainer.rollout import Group

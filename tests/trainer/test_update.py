@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainer.algorithms import compute_advantages
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig
+from trainer.config_load import load_config
 from trainer.data import Problem
 from trainer.rollout import Group
 from trainer.update import build_samples, merge_identical

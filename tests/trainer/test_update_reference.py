@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from trainer.algorithms import kl_penalty
-from trainer.config import load_config
+from trainer.config_load import load_config
 from trainer.data import Problem
 from trainer.rollout import Group
 from trainer.update import (

@@ -279,7 +279,7 @@ def _embedded_run(engine_path, model):
     import types
 
     from engine import Engine
-    from trainer.config import load_config
+    from trainer.config_load import load_config
     from trainer.parallel import SINGLE
 
     cfg = load_config(None, ["rollout.weight_sync_probe=true"])
