@@ -3,7 +3,7 @@ samples with ~200-token completions, each window decoded one by one against the 
 first windows decoded in one call to the fast tokenizer's Rust backend, in one run.
 
     python bench/stop_check.py
-    python bench/stop_check.py --old /tmp/stop_old.py   # also an older engine/stop.py
+    python bench/stop_check.py --old ac4a268   # also engine/stop.py of that git revision
 
 The tokenizer is byte-level BPE (GPT-2's byte map) over 4096 tokens of 1 to 6 bytes built
 here (no download); the samples' tokens are drawn uniformly with a fixed seed, so no two
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,6 +58,19 @@ def byte_tokenizer(vocab_size: int, seed: int):
                                    pad_token="<pad>")
 
 
+def stop_module_at(rev: str):
+    """engine/stop.py as of git revision rev, imported as a module, and rev's full hash."""
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout
+
+    full = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    module = types.ModuleType("stop_old")
+    exec(compile(git("show", f"{full}:engine/stop.py"), f"{full[:7]}:engine/stop.py", "exec"),
+         module.__dict__)
+    return module, full
+
+
 def steps(num: int, vocab_size: int, seed: int, num_steps: int) -> list[list]:
     """num_steps consecutive decode steps of num samples (stand-ins for
     engine.request.Sequence: token_ids and group), one token longer at each step."""
@@ -87,8 +101,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=16, help="timed steps")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--old", type=Path, default=None,
-                    help="an older engine/stop.py to time as well (git show HEAD:...)")
+    ap.add_argument("--old", default=None, metavar="REV",
+                    help="also time engine/stop.py as of this git revision (ac4a268: "
+                         "before the one decode per step and the batched backend)")
     ap.add_argument("--out", type=Path,
                     default=ROOT / "bench" / "results" / "stop-check-cpu.json")
     args = ap.parse_args()
@@ -101,11 +116,10 @@ def main() -> None:
     assert batch_decoder(tok) is not None
     batches = steps(args.samples, args.vocab, args.seed + 1, args.repeats + 1)
     variants = {}
+    old_rev = None
     if args.old is not None:
-        spec = importlib.util.spec_from_file_location("stop_old", args.old)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-        variants["old (file)"] = lambda: old.StopChecker(tok)
+        old, old_rev = stop_module_at(args.old)
+        variants[f"old ({old_rev[:7]})"] = lambda: old.StopChecker(tok)
     variants["one by one"] = lambda: StopChecker(tok, batch=False)
     variants["batched"] = lambda: StopChecker(tok)
     rows, want = [], None
@@ -135,7 +149,7 @@ def main() -> None:
                   config=dict(samples=args.samples, vocab=args.vocab, prompt_len=100,
                               completion_len=[150, 250], stop=list(STOP),
                               repeats=args.repeats, seed=args.seed,
-                              old=None if args.old is None else str(args.old)),
+                              old_rev=old_rev),
                   num_stopped=sum(map(sum, want)), rows=rows)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
