@@ -1,6 +1,8 @@
 """Host time of one decode step's stop-string check (`StopChecker.stopped`): 4096
 samples with ~200-token completions, each window decoded one by one against the step's
-first windows decoded in one call to the fast tokenizer's Rust backend, in one run.
+first windows decoded in one call to the fast tokenizer's Rust backend, and that with the
+byte-level filter (samples whose last token holds no stop string's last byte skip the
+check), in one run.
 
     python bench/stop_check.py
     python bench/stop_check.py --old ac4a268   # also engine/stop.py of that git revision
@@ -39,18 +41,17 @@ def byte_tokenizer(vocab_size: int, seed: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    chars = dict(zip(keep, keep))
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = 256 + n
+    from engine.stop import gpt2_byte_chars
+
+    chars = gpt2_byte_chars()
     vocab = {t: i for i, t in enumerate(SPECIAL)}
     for b in range(256):
-        vocab[chr(chars[b])] = len(vocab)
+        vocab[chars[b]] = len(vocab)
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz    \n.,<>/"
     while len(vocab) < vocab_size:
         piece = "".join(rng.choice(letters) for _ in range(rng.randrange(2, 7)))
-        vocab.setdefault("".join(chr(chars[b]) for b in piece.encode()), len(vocab))
+        vocab.setdefault("".join(chars[b] for b in piece.encode()), len(vocab))
     tok = Tokenizer(models.BPE(vocab, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=16, help="timed steps")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--filter-vocab", type=int, default=151936,
+                    help="vocabulary size at which the byte filter's table build is timed")
     ap.add_argument("--old", default=None, metavar="REV",
                     help="also time engine/stop.py as of this git revision (ac4a268: "
                          "before the one decode per step and the batched backend)")
@@ -120,8 +123,9 @@ def main() -> None:
     if args.old is not None:
         old, old_rev = stop_module_at(args.old)
         variants[f"old ({old_rev[:7]})"] = lambda: old.StopChecker(tok)
-    variants["one by one"] = lambda: StopChecker(tok, batch=False)
-    variants["batched"] = lambda: StopChecker(tok)
+    variants["one by one"] = lambda: StopChecker(tok, batch=False, filter=False)
+    variants["batched"] = lambda: StopChecker(tok, filter=False)
+    variants["batched + byte filter"] = lambda: StopChecker(tok)
     rows, want = [], None
     for name, make in variants.items():
         for parallel in ("true", "false") if name == "batched" else ("",):
@@ -139,6 +143,15 @@ def main() -> None:
         r["speedup"] = round(base / r["ms_per_step"], 2)
         print(f"{r['variant']:>28} {r['ms_per_step']:9.2f} {r['us_per_sample']:10.2f} "
               f"{r['speedup']:8.2f}x")
+    table = StopChecker(tok).byte_filter(STOP)
+    checked = sum(table[s.token_ids[-1]] for s in batches[-1]) / len(batches[-1])
+    big = StopChecker(byte_tokenizer(args.filter_vocab, args.seed))
+    t0 = time.perf_counter()
+    big.byte_filter(STOP)
+    filter_s = time.perf_counter() - t0
+    print(f"byte filter: {checked:.1%} of the samples' last tokens need a window; its "
+          f"table took {filter_s * 1e3:.0f} ms at a {args.filter_vocab}-token vocabulary "
+          "(once per tokenizer and set of stop strings)")
     result = dict(benchmark="stop_check", device="cpu", cpu=platform.machine(),
                   cpu_count=os.cpu_count(),
                   versions={"python": platform.python_version(),
@@ -150,7 +163,12 @@ def main() -> None:
                               completion_len=[150, 250], stop=list(STOP),
                               repeats=args.repeats, seed=args.seed,
                               old_rev=old_rev),
-                  num_stopped=sum(map(sum, want)), rows=rows)
+                  num_stopped=sum(map(sum, want)),
+                  byte_filter=dict(build_ms=round(filter_s * 1e3, 1),
+                                   build_vocab=args.filter_vocab,
+                                   vocab_tokens_kept=round(sum(table) / len(table), 4),
+                                   samples_checked=round(checked, 4)),
+                  rows=rows)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -33,6 +33,15 @@ it and this check's decode(w[:-1]) is the last one's decode(w): `StopChecker` ke
 last call's texts, keyed by their token ids, and decodes one window per sample and step
 but every _ALIGN_TOKENS-th. The windows it still needs it decodes in one call to the
 fast tokenizer's Rust backend where that is provably the same as `tokenizer.decode`.
+
+Byte-level tokenizers (GPT-2's, Qwen's, Llama 3's: a ByteLevel decoder, whose text is the
+tokens' bytes decoded as UTF-8 with replacement) skip most checks. Appending a token's
+bytes to the completion changes only its undecodable tail, so every character new with the
+token ends in one of the token's bytes; a stop string new with the token ends in a new
+character (it holds no U+FFFD); so the token's bytes hold the last byte of some stop
+string. From the second check on, a sample whose last token holds none of those bytes
+cannot have stopped, and is not decoded (`byte_filter`: a table over the vocabulary, built
+once per set of stop strings; special tokens decode to nothing and hold no bytes).
 """
 
 from __future__ import annotations
@@ -54,19 +63,27 @@ class StopChecker:
 
     batch: decode each step's first windows in one call to the fast tokenizer's Rust
     backend where that provably equals `tokenizer.decode` (see `batch_decoder`); False
-    decodes them one by one (the reference the batched path is tested against)."""
+    decodes them one by one. filter: skip the samples a byte-level tokenizer's last token
+    rules out (see `byte_filter`). Both off is the reference the fast paths are tested
+    against."""
 
-    def __init__(self, tokenizer, batch: bool = True) -> None:
+    def __init__(self, tokenizer, batch: bool = True, filter: bool = True) -> None:
         self.tokenizer = tokenizer
         self.batch = batch
+        self.filter = filter
         # The last stopped() call's windows (ids -> text): this call's decode(w[:-1]) is
         # mostly the last one's decode(w). Keyed by the exact ids, so it cannot change a
         # decision; it assumes the tokenizer does not change under the checker.
         self._last: dict[tuple[int, ...], str] = {}
+        self._token_bytes: tuple[object, list[bytes | None]] | None = None
+        self._filters: dict[tuple[str, ...], bytes] = {}
 
     def stopped(self, seqs: list[Sequence]) -> list[bool]:
         """For samples whose groups set `stop` and that hold more than min_tokens
         completion tokens: whether their text now contains a stop string."""
+        hits = [False] * len(seqs)
+        live = self._could_stop(seqs) if self.filter else range(len(seqs))
+        seqs = [seqs[i] for i in live]
         firsts = [first_windows(s.token_ids, s.group.prompt_len, s.group.params.min_tokens,
                                 s.group.params.stop) for s in seqs]
         texts: dict[tuple[int, ...], str] = {}  # merged samples share their windows
@@ -82,11 +99,47 @@ class StopChecker:
         if decode_batch is not None:
             texts.update(zip(missing, decode_batch(missing)))
         decode = self.decoder(texts)  # what is still missing, one by one
-        hits = [completes_stop(decode, s.token_ids, s.group.prompt_len,
-                               s.group.params.min_tokens, s.group.params.stop, first)
-                for s, first in zip(seqs, firsts)]
+        for i, s, first in zip(live, seqs, firsts):
+            hits[i] = completes_stop(decode, s.token_ids, s.group.prompt_len,
+                                     s.group.params.min_tokens, s.group.params.stop, first)
         self._last = texts
         return hits
+
+    def _could_stop(self, seqs: list[Sequence]) -> list[int]:
+        """The indices of the samples whose check cannot be skipped: every one but those
+        past their first check whose last token the byte-level filter rules out."""
+        live, filters = [], {}
+        for i, s in enumerate(seqs):
+            g = s.group
+            ids = s.token_ids
+            if len(ids) - g.prompt_len > g.params.min_tokens + 1:
+                stop = g.params.stop
+                if stop not in filters:
+                    filters[stop] = self.byte_filter(stop)
+                table = filters[stop]
+                if table is not None and ids[-1] < len(table) and not table[ids[-1]]:
+                    continue
+            live.append(i)
+        return live
+
+    def byte_filter(self, stop: tuple[str, ...]) -> bytes | None:
+        """For a byte-level tokenizer (see the module docstring): per token id, 1 when its
+        bytes hold the last byte of one of the stop strings (or the id has no token), else
+        0; ids past the table may complete anything. None for other tokenizers."""
+        backend = plain_fast_backend(self.tokenizer)
+        if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+            return None
+        size = backend.get_vocab_size(with_added_tokens=True)
+        if self._token_bytes is None or self._token_bytes[0] != (id(backend), size):
+            self._token_bytes = (id(backend), size), _byte_level_tokens(backend)
+            self._filters.clear()
+        table = self._filters.get(stop)
+        if table is None:
+            last = {s.encode()[-1] for s in stop}
+            table = self._filters[stop] = bytes(
+                1 if b is None or not last.isdisjoint(b) else 0
+                for b in self._token_bytes[1])
+        return table
 
     def decoder(self, texts: dict[tuple[int, ...], str]
                 ) -> Callable[[list[int] | tuple[int, ...]], str]:
@@ -114,13 +167,13 @@ class StopChecker:
         return text[:end], stop
 
 
-def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
-    """The Rust backend's decode_batch where it gives, list by list, exactly
-    tokenizer.decode(ids, skip_special_tokens=True), else None. That holds for a fast
-    tokenizer whose class and instance keep transformers' own decode and _decode (which
-    call the backend's decode, then `clean_up_tokenization` when clean_up_tokenization_spaces
-    is set: for some model types or transformers versions only, so any truthy value
-    refuses). Checked at every call: the attributes can change after construction."""
+def plain_fast_backend(tokenizer):
+    """The Rust backend of a fast tokenizer whose decode(ids, skip_special_tokens=True) is
+    exactly the backend's: its class and instance keep transformers' own decode and
+    _decode (which call the backend's decode, then `clean_up_tokenization` when
+    clean_up_tokenization_spaces is set: for some model types or transformers versions
+    only, so any truthy value refuses); else None. Checked at every call: the attributes
+    can change after construction."""
     from transformers import PreTrainedTokenizerFast
 
     cls = type(tokenizer)
@@ -130,8 +183,41 @@ def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
             or cls._decode is not PreTrainedTokenizerFast._decode
             or "decode" in vars(tokenizer) or "_decode" in vars(tokenizer)):
         return None
-    backend = tokenizer.backend_tokenizer
+    return tokenizer.backend_tokenizer
+
+
+def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
+    """The Rust backend's decode_batch where it gives, list by list, exactly
+    tokenizer.decode(ids, skip_special_tokens=True) (`plain_fast_backend`), else None."""
+    backend = plain_fast_backend(tokenizer)
+    if backend is None:
+        return None
     return lambda windows: backend.decode_batch(windows, skip_special_tokens=True)
+
+
+def gpt2_byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> character map, which byte-level BPE vocabularies are written in:
+    printable bytes stand for themselves, the others for characters from U+0100 on."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    codes = dict(zip(keep, keep))
+    for n, b in enumerate(b for b in range(256) if b not in codes):
+        codes[b] = 256 + n
+    return {b: chr(c) for b, c in codes.items()}
+
+
+def _byte_level_tokens(backend) -> list[bytes | None]:
+    """Per token id of a ByteLevel-decoded vocabulary, the bytes it can add to a text: its
+    characters through GPT-2's byte map, together with their UTF-8 bytes (the decoder
+    takes those for a token with a character outside the map); none for special tokens
+    (decode skips them); None for ids without a token."""
+    char_byte = {c: b for b, c in gpt2_byte_chars().items()}
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    out: list[bytes | None] = [None] * backend.get_vocab_size(with_added_tokens=True)
+    for token, i in backend.get_vocab(with_added_tokens=True).items():
+        if i < len(out):
+            out[i] = b"" if i in special else bytes(
+                char_byte[c] for c in token if c in char_byte) + token.encode()
+    return out
 
 
 @functools.cache

@@ -275,7 +275,7 @@ def test_requests_without_stop_strings_never_decode_and_windows_stay_bounded(che
     params = SamplingParams(n=3, max_tokens=150, seed=1, ignore_eos=True)
     engine.generate(PROMPTS, params)
     assert len(lengths) == 6  # the outputs' texts, nothing while generating
-    lengths.clear()
+    lengths.clear()  # (a replaced decode turns the batched path and the filter off)
     out = engine.generate(PROMPTS, SamplingParams(n=3, max_tokens=150, seed=1,
                                                   ignore_eos=True, stop=["zzzz"]))
     assert {c.finish_reason for o in out for c in o.outputs} == {"length"}
@@ -283,6 +283,32 @@ def test_requests_without_stop_strings_never_decode_and_windows_stay_bounded(che
     # a second when the window's start moves on (every 8 tokens)
     assert 6 * 140 < len(lengths) < 6 * 150 * 5 // 4
     assert sum(n > 100 for n in lengths) == 6  # only the outputs' texts decode it all
+
+
+def test_the_byte_level_filter_skips_tokens_without_a_stop_strings_last_byte(checkpoint,
+                                                                             monkeypatch):
+    """No token of the test's byte-level vocabulary holds a "z" (its special tokens
+    decode to nothing): after each sample's first check (its whole completion, min_tokens
+    + 1 tokens) the filter rules every later token out; with "a" it rules out the tokens
+    without one."""
+    import engine.stop
+
+    path, tok = checkpoint
+    checked = []
+    real = engine.stop.first_windows
+    monkeypatch.setattr(engine.stop, "first_windows", lambda ids, *a: checked.append(
+        len(ids)) or real(ids, *a))
+    eng = Engine(path, page_size=PAGE, max_kv_tokens=8192)
+    prompt_lens = {len(p) for p in PROMPTS}
+    for m in (0, 7):
+        checked.clear()
+        eng.generate(PROMPTS, SamplingParams(n=3, max_tokens=150, seed=1, ignore_eos=True,
+                                             min_tokens=m, stop=["zzzz"]))
+        assert sorted(checked) == sorted(n + m + 1 for n in prompt_lens for _ in range(3))
+    table = eng._stop.byte_filter(("xa",))
+    assert table is not None and sum(table) < len(table) * 0.7
+    assert all(table[i] == ("a" in tok.decode([i], skip_special_tokens=True))
+               for i in range(len(table)))
 
 
 def random_ids(rng, vocab_size: int) -> list[int]:
@@ -359,7 +385,8 @@ def test_batched_and_one_by_one_checks_agree_step_by_step(tmp_path, kind):
         raw = tok.backend_tokenizer.decode_batch([c[0] for c in cases],
                                                  skip_special_tokens=True)
         assert sum(r != decode(tok, c[0]) for r, c in zip(raw, cases)) >= 10
-    checkers = StopChecker(tok), StopChecker(tok, batch=False)
+    checkers = StopChecker(tok), StopChecker(tok, batch=False, filter=False)
+    assert (checkers[0].byte_filter(("a",)) is not None) == (kind == "bytes")
     params = [SamplingParams(max_tokens=400, stop=stops, min_tokens=m)
               for _, stops, m in cases]
     groups = [SimpleNamespace(prompt_len=len(prompt), params=p) for p in params]
