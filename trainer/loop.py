@@ -13,7 +13,6 @@ import copy
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,35 +22,28 @@ import yaml
 
 from engine import Engine
 from trainer.checkpoint import (
-    CHECKPOINTS,
     RUN_CONFIG,
-    checkpoint_dirs,
     latest_checkpoint,
-    load_state,
     rng_state,
-    save_checkpoint,
-    set_rng_state,
 )
 from trainer.config import TrainConfig
 from trainer.config_load import to_dict
 from trainer.data import GYM_PREFIX, ProblemStream, load_problems
 from trainer.evaluate import evaluate
-from trainer.metrics import METRICS_FILE, TB_DIR, MetricsWriter, read_metrics
+from trainer.metrics import MetricsWriter, read_metrics
 from trainer.parallel import (
     SINGLE,
     DataParallel,
     MainRankError,
     broadcast_object,
     full_state,
-    load_full_state,
-    load_optimizer_state,
     load_sharded_policy,
     on_main,
-    optimizer_state,
     plain_copy,
 )
 from trainer.policy import load_policy
 from trainer.rollout import collect_rollouts
+from trainer.run_state import claim_run_dir, restore_run, save_interrupted, save_run
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
 from trainer.weight_sync import WeightSyncError
@@ -98,7 +90,7 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
         while run.step < cfg.steps:
             train_step(run)
     except KeyboardInterrupt:
-        _checkpoint_interrupted(run)
+        save_interrupted(run)
         raise
     finally:
         if dp.is_main:
@@ -119,7 +111,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         # or verifier fails in seconds
         problems.extend(load_problems(cfg.data))
         if ckpt is None:
-            _claim_run_dir(run_dir, cfg)
+            claim_run_dir(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
             # saved without overwrite: a run's config reused as a template must not delete
@@ -160,7 +152,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     run = Run(cfg, run_dir, engine, model, ref_model, optimizer, scheduler, stream, held_out,
               pool, metrics, pad_id, dp)
     if ckpt is not None:
-        _restore(run, ckpt)
+        restore_run(run, ckpt)
     if dp.is_main:
         log.info("policy %s on %s; %d training / %d held-out problems; N=%d, %d groups per "
                  "step%s", path, device, n_train, len(held_out), r.n,
@@ -204,7 +196,7 @@ def train_step(run: Run) -> dict:
             run.metrics.log(step, metrics)
         _console(step, cfg.steps, metrics)
     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-        _checkpoint(run)
+        save_run(run)
     return metrics
 
 
@@ -234,7 +226,7 @@ def sync_weights(run: Run, step: int) -> dict:
         if not sync_failed:
             raise
         run.step = step
-        _checkpoint(run)  # every rank joins its gathers
+        save_run(run)  # every rank joins its gathers
         if isinstance(err, MainRankError):
             raise WeightSyncError(f"trainer rank 0 could not sync the weights: {err}") from err
         raise
@@ -271,91 +263,6 @@ def _console(step: int, steps: int, m: dict) -> None:
              m["rollout/pass_rate"], m["rollout/predicted_pass_rate"],
              m["rollout/predicted_pass_rate_n16"], m["rollout/samples_per_s"],
              f"{m['train/loss']:.4f}" if "train/loss" in m else "-", m["step_seconds"])
-
-
-def _checkpoint(run: Run, trainer_state: dict | None = None) -> None:
-    """Every rank joins the gathers of a sharded policy; rank 0 writes. `trainer_state`:
-    the stream, RNG and elapsed time to save in place of the current ones."""
-    dp = run.dp
-    optim = optimizer_state(run.model, run.optimizer, dp)
-    weights = full_state(run.model, dp) if dp.enabled else None
-    ref = full_state(run.ref_model, dp) if dp.enabled and run.ref_model is not None else None
-    if not dp.is_main:
-        return
-    state = {"optimizer": optim, "scheduler": run.scheduler.state_dict(),
-             "stream": run.stream.state(), "rng": rng_state(), "elapsed_s": run.elapsed_s,
-             **(trainer_state or {}), "config": to_dict(run.cfg), "data_parallel": dp.enabled}
-    path = save_checkpoint(run.run_dir, run.step, run.model, run.engine.tokenizer, state,
-                           run.ref_model, run.cfg.keep_checkpoints, weights, ref)
-    run.checkpointed = run.step
-    log.info("checkpoint: %s", path)
-
-
-def _checkpoint_interrupted(run: Run) -> None:
-    """On Ctrl-C while a step draws its rollouts, the last finished step is saved as it
-    ended, so `--resume` loses nothing and continues exactly. Interrupted later in a step
-    (the policy half updated), the run resumes from its newest checkpoint. The embedded
-    launch only: data-parallel ranks are not interrupted together, and with the Ray
-    launcher Ctrl-C reaches the driver, not the trainer actor."""
-    if run.dp.enabled or run.resumable is None or run.step <= run.checkpointed:
-        return  # (step 0 is the initial policy: a new run starts it again)
-    _checkpoint(run, run.resumable)
-
-
-def _restore(run: Run, ckpt: Path) -> None:
-    """Rank 0 alone reads the checkpoint (the other ranks know only its path); the others
-    get the small trainer state by a broadcast and their shards of the optimizer state (and
-    of a KL reference) from rank 0's full copies, so they need no shared filesystem."""
-    dp = run.dp
-    state = on_main(lambda: load_state(ckpt), dp) or {}
-    info = broadcast_object(
-        {**{k: v for k, v in state.items() if k != "optimizer"},
-         "has_reference": (ckpt / "reference.pt").is_file()}
-        if dp.is_main else None, dp)
-    saved_dp = bool(info.get("data_parallel", False))
-    if saved_dp != dp.enabled:  # raised on every rank alike
-        raise ValueError(f"{ckpt} holds the optimizer state of a "
-                         f"{'data-parallel' if saved_dp else 'one-rank'} trainer; resume it "
-                         f"with ray.num_trainers {'> 1' if saved_dp else '= 1'}")
-    load_optimizer_state(run.model, run.optimizer, state.get("optimizer", {}), dp)
-    run.scheduler.load_state_dict(info["scheduler"])
-    set_rng_state(info["rng"])
-    run.step, run.elapsed_s = int(info["step"]), float(info["elapsed_s"])
-    run.checkpointed = run.step
-    if run.ref_model is not None and info["has_reference"]:
-        ref = on_main(lambda: torch.load(ckpt / "reference.pt", map_location="cpu"), dp)
-        load_full_state(run.ref_model, ref or {}, dp)
-    if dp.is_main:
-        run.stream.load_state(info["stream"])
-        run.metrics.truncate_after(run.step)
-        run.engine.policy_version = run.step
-        log.info("resumed from %s (step %d)", ckpt, run.step)
-
-
-def _claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    """A new run may not write into another run's directory: its metrics would be appended
-    to the old ones and its checkpoints replace theirs. With `overwrite` the old run's
-    files are deleted first, unless the new run reads from them."""
-    held = [p for p in (run_dir / METRICS_FILE, run_dir / CHECKPOINTS, run_dir / TB_DIR)
-            if p.exists()]
-    if not held:
-        return
-    if not cfg.overwrite:
-        resumable = checkpoint_dirs(run_dir)
-        raise ValueError(f"output_dir {run_dir} already holds a run "
-                         f"({', '.join(p.name for p in held)}): "
-                         + (f"continue it with --resume {run_dir}, " if resumable else
-                            "it has no checkpoint to resume; ")
-                         + "choose another output_dir, or pass overwrite=true to delete it "
-                         "and start over")
-    for value in (cfg.model.path, cfg.data.train, cfg.data.eval):
-        if value and Path(value).exists() and any(
-                Path(value).resolve().is_relative_to(p.resolve()) for p in held):
-            raise ValueError(f"overwrite=true would delete {value}, which this run reads; "
-                             "copy it out of the old run first")
-    log.warning("overwrite=true: deleting the run in %s", run_dir)
-    for p in held:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def check_inputs(cfg: TrainConfig) -> None:
