@@ -94,6 +94,9 @@ class RolloutConfig:
     stop: list | None = _f(None, "stop strings (e.g. ['</answer>']): a response ends at the "
                            "token that completes one; the verifier sees its text up to and "
                            "including the stop string")
+    coverage_groups: int = _f(8, "groups per step (the first generated) whose unsampled "
+                              "mass at their samples' branch points is logged "
+                              "(rollout/unsampled_mass*; 0: off)")
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
                                    "when the engine starts; set it when several rollout "
@@ -123,6 +126,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.n must be >= 2, got {self.n}: every advantage "
                              "estimator here is relative to the prompt's group of samples, "
                              "and a group of one has advantage 0")
+        if self.coverage_groups < 0:
+            raise ValueError("rollout.coverage_groups must be >= 0 (0: off)")
         if self.max_prompts_per_step < self.prompts_per_step:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:

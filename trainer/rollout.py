@@ -15,6 +15,7 @@ import torch
 from engine import SamplingParams
 from trainer.algorithms import group_keep_mask, predicted_keep_rate
 from trainer.config import TrainConfig
+from trainer.coverage import unsampled_mass
 from trainer.data import Problem, ProblemStream, render_prompt
 from trainer.verifiers import VerifyItem
 
@@ -119,7 +120,29 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     engine_after = _engine_counts(engine)
     if engine_before and engine_after:
         metrics.update(_engine_metrics(engine_before, engine_after, generated))
+    metrics.update(coverage_metrics(generated[:r.coverage_groups]))
     return Rollouts(kept, metrics)
+
+
+def coverage_metrics(groups: list[Group]) -> dict:
+    """The unsampled mass at the branch points of each group's samples (trainer/coverage.py).
+    With more than 16 samples per group, also what ProRL's N=16 leaves untried on the same
+    policy: the group's first 16 samples as a tree of their own (`_n16`), and at their
+    states with all samples' children (`_n16_states`). Nothing without groups or behaviour
+    logprobs."""
+    if not groups or any(lp is None for g in groups for lp in g.behaviour_logprobs):
+        return {}
+    pairs = [(g.response_ids, g.behaviour_logprobs) for g in groups]
+    wide_n = min(g.n for g in groups) > 16
+    wide = unsampled_mass(pairs, states=16 if wide_n else None)
+    out = {"rollout/unsampled_mass": wide["mean"],
+           "rollout/unsampled_mass_first_token": wide["first_token"]}
+    if wide_n:
+        narrow = unsampled_mass([(t[:16], lp[:16]) for t, lp in pairs])
+        out["rollout/unsampled_mass_n16"] = narrow["mean"]
+        out["rollout/unsampled_mass_n16_states"] = wide["states_mean"]
+        out["rollout/unsampled_mass_first_token_n16"] = narrow["first_token"]
+    return out
 
 
 _COUNTS = ("decode_tokens", "decode_rows", "prefill_tokens", "recomputed_prompt_tokens")

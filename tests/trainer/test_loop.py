@@ -59,6 +59,9 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
             assert 0 < m["rollout/decode_rows_fraction"] <= 1
             # n=8: each prompt is computed once for its 8 samples (the group fork)
             assert 1 - 1 / 8 <= m["rollout/prefix_cache_hit_rate"] < 1
+            assert 0 < m["rollout/unsampled_mass"] < 1  # n=8 (no _n16 figures below 17)
+            assert 0 < m["rollout/unsampled_mass_first_token"] < 1
+            assert "rollout/unsampled_mass_n16" not in m
             # float32 engine and trainer: the recomputed old logprobs are the behaviour
             # ones to float rounding
             assert 0 <= m["mismatch/logprob_abs_mean"] <= m["mismatch/logprob_abs_max"] < 1e-4
