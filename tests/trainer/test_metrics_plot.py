@@ -122,7 +122,8 @@ def _fake_run(run_dir, steps=12, eval_every=4):
         for step in range(1, steps + 1):
             row = {"elapsed_s": 600.0 * step, "reward/mean": 0.1 + 0.02 * step,
                    "rollout/pass_rate": 0.5, "rollout/predicted_pass_rate": 0.55,
-                   "reward/kept_mean": None}
+                   "reward/kept_mean": None, "rollout/unsampled_mass": 0.01,
+                   "rollout/unsampled_mass_n16": 0.05}
             if step % eval_every == 0:
                 row.update({"eval/mean_at_k": 0.1 + 0.01 * step, "eval/pass_at_k": math.nan})
             w.log(step, row)
@@ -134,7 +135,20 @@ def test_plot_run_writes_a_png_with_sparse_eval_rows(tmp_path):
     assert paths == [tmp_path / "curves.png"]
     data = paths[0].read_bytes()
     width, height = _png_size(data)
-    assert width > height > 0  # three panels side by side
+    assert width > 4.5 * height > 0  # four panels side by side (three: 3.8)
+
+
+def test_plot_run_draws_a_panel_per_section_with_data(tmp_path, monkeypatch):
+    import trainer.plot
+
+    drawn = []
+    monkeypatch.setattr(trainer.plot, "_draw", lambda curves, *a, **k: drawn.append(
+        [(p.title, [s.key for s, _, _ in c]) for p, c in curves]))
+    _fake_run(tmp_path)
+    plot_run(tmp_path)
+    assert drawn[0][3] == ("Unsampled mass at branch points",
+                           ["rollout/unsampled_mass", "rollout/unsampled_mass_n16"])
+    assert [t for t, _ in drawn[0]] == [p.title for p in trainer.plot.PANELS]
 
 
 def test_plot_run_skips_missing_panels_and_honours_out(tmp_path):
