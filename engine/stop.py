@@ -37,11 +37,12 @@ fast tokenizer's Rust backend where that is provably the same as `tokenizer.deco
 Byte-level tokenizers (GPT-2's, Qwen's, Llama 3's: a ByteLevel decoder, whose text is the
 tokens' bytes decoded as UTF-8 with replacement) skip most checks. Appending a token's
 bytes to the completion changes only its undecodable tail, so every character new with the
-token ends in one of the token's bytes; a stop string new with the token ends in a new
-character (it holds no U+FFFD); so the token's bytes hold the last byte of some stop
-string. From the second check on, a sample whose last token holds none of those bytes
-cannot have stopped, and is not decoded (`byte_filter`: a table over the vocabulary, built
-once per set of stop strings; special tokens decode to nothing and hold no bytes).
+token ends in one of the token's bytes, but a U+FFFD (that may stand for old bytes alone);
+a stop string new with the token ends in a new character; so unless it ends in U+FFFD (such
+stop sets are not filtered) the token's bytes hold its last byte. From the second check on, a
+sample whose last token holds none of those bytes cannot have stopped, and is not decoded
+(`byte_filter`: a table over the vocabulary, built once per set of stop strings; special
+tokens decode to nothing and hold no bytes).
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ class StopChecker:
     def byte_filter(self, stop: tuple[str, ...]) -> bytes | None:
         """For a byte-level tokenizer (see the module docstring): per token id, 1 when its
         bytes hold the last byte of one of the stop strings (or the id has no token), else
-        0; ids past the table may complete anything. None for other tokenizers."""
+        0; ids past the table may complete anything. None for other tokenizers, and for
+        stop strings that end in U+FFFD (any token can complete those)."""
         backend = plain_fast_backend(self.tokenizer)
-        if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        if (backend is None or type(backend.decoder).__name__ != "ByteLevel"
+                or any(s.endswith(_FFFD) for s in stop)):
             return None
         size = backend.get_vocab_size(with_added_tokens=True)
         if self._token_bytes is None or self._token_bytes[0] != (id(backend), size):
@@ -135,7 +138,8 @@ class StopChecker:
             self._filters.clear()
         table = self._filters.get(stop)
         if table is None:
-            last = {s.encode()[-1] for s in stop}
+            # surrogatepass: a lone surrogate never occurs in a text, any byte will do
+            last = {s.encode("utf-8", "surrogatepass")[-1] for s in stop}
             table = self._filters[stop] = bytes(
                 1 if b is None or not last.isdisjoint(b) else 0
                 for b in self._token_bytes[1])

@@ -311,6 +311,27 @@ def test_the_byte_level_filter_skips_tokens_without_a_stop_strings_last_byte(che
                for i in range(len(table)))
 
 
+
+def test_the_byte_level_filter_keeps_stop_strings_that_end_in_a_replacement_character(
+        tmp_path):
+    """A lone continuation byte (0xa9) after "a" decodes to "a\ufffd": the U+FFFD is new
+    with that token although the token holds none of its bytes (EF BF BD), so a stop string
+    ending in one is not ruled out by the last token's bytes. A stop string that is no
+    UTF-8 (a lone surrogate) never matches, and does not break the filter."""
+    from engine.stop import gpt2_byte_chars
+
+    tok = save_byte_tokenizer(tmp_path)
+    a = tok.backend_tokenizer.token_to_id("a")
+    cont = tok.backend_tokenizer.token_to_id(gpt2_byte_chars()[0xa9])
+    ids = [a, a, a, cont, a]
+    assert decode(tok, ids[:4]) == "aaa\ufffd"
+    for stop, want in (("a\ufffd", 4), ("\ufffd", 4), ("\ud800", None)):
+        group = SimpleNamespace(prompt_len=0, params=SamplingParams(stop=stop))
+        for checker in StopChecker(tok), StopChecker(tok, batch=False, filter=False):
+            got = next((k for k in range(1, len(ids) + 1) if checker.stopped(
+                [SimpleNamespace(token_ids=ids[:k], group=group)])[0]), None)
+            assert got == want, (stop, checker.filter)
+
 def random_ids(rng, vocab_size: int) -> list[int]:
     """90 or so tokens, with runs of special tokens (they decode to nothing)."""
     ids = []
