@@ -118,12 +118,7 @@ class ModelConfig:
             raise ValueError("sliding-window attention is not supported (use_sliding_window=true)")
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
-        eos: list[int] = []
-        for src in (hf, generation or {}):
-            ids = src.get("eos_token_id")
-            for i in ids if isinstance(ids, list) else [ids]:
-                if i is not None and i not in eos:
-                    eos.append(int(i))
+        eos = eos_token_ids(hf, generation)
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
@@ -142,23 +137,39 @@ class ModelConfig:
             o_bias=attention_bias if model_type == "llama" else False,
             mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
             qk_norm=model_type == "qwen3",
-            eos_token_ids=tuple(eos),
+            eos_token_ids=eos,
         )
 
     @classmethod
     def from_dir(cls, path: str) -> ModelConfig:
         """Reads config.json (and generation_config.json when present) from a checkpoint."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
-        with open(cfg_path) as f:
-            hf = json.load(f)
-        gen_path = os.path.join(path, "generation_config.json")
-        generation = None
-        if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                generation = json.load(f)
-        return cls.from_hf(hf, generation)
+        return cls.from_hf(*read_hf_configs(path))
+
+
+def read_hf_configs(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A checkpoint's config.json and its generation_config.json (None when absent)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
+    with open(cfg_path) as f:
+        hf = json.load(f)
+    gen_path = os.path.join(path, "generation_config.json")
+    generation = None
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            generation = json.load(f)
+    return hf, generation
+
+
+def eos_token_ids(hf: dict[str, Any], generation: dict[str, Any] | None) -> tuple[int, ...]:
+    """The EOS ids of config.json and generation_config.json, in order, once each."""
+    eos: list[int] = []
+    for src in (hf, generation or {}):
+        ids = src.get("eos_token_id")
+        for i in ids if isinstance(ids, list) else [ids]:
+            if i is not None and i not in eos:
+                eos.append(int(i))
+    return tuple(eos)
 
 
 @dataclass(frozen=True)

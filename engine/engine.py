@@ -292,6 +292,8 @@ class Engine:
         outs = []
         texts: dict[tuple[int, ...], str] = {}  # a group's repeated outputs decode once
         user_stop_ids = g.params.stop_token_ids or ()
+        # an EOS of the model names no stop_reason, even when also listed (as vLLM)
+        eos = () if g.params.ignore_eos else self.model_config.eos_token_ids
         for s in g.samples:
             ids = s.output_ids
             on_token = s.finish_reason == "stop" and ids[-1] in g.stop_ids  # checked first
@@ -299,7 +301,7 @@ class Engine:
             if self.tokenizer is not None:
                 text, reason = self._stop.text(
                     ids, g.params, s.finish_reason == "stop" and not on_token, texts)
-            if on_token and ids[-1] in user_stop_ids:  # an EOS of the model: None
+            if on_token and ids[-1] in user_stop_ids and ids[-1] not in eos:
                 reason = ids[-1]
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs
                                          else None, s.finish_reason, text, reason))

@@ -17,7 +17,8 @@ class CompletionOutput:
     # completed it
     text: str | None = None
     # vLLM's: the stop string or the token of stop_token_ids the sample stopped on; None
-    # when it stopped on an EOS token of the model or at max_tokens
+    # when it stopped on an EOS token of the model (listed in stop_token_ids or not, unless
+    # ignore_eos) or at max_tokens
     stop_reason: int | str | None = None
 
 

@@ -50,6 +50,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
+
 from engine.request import Sequence
 from engine.sampling_params import SamplingParams
 
@@ -76,8 +78,7 @@ class StopChecker:
         # mostly the last one's decode(w). Keyed by the exact ids, so it cannot change a
         # decision; it assumes the tokenizer does not change under the checker.
         self._last: dict[tuple[int, ...], str] = {}
-        self._token_bytes: tuple[object, list[bytes | None]] | None = None
-        self._filters: dict[tuple[str, ...], bytes] = {}
+        self._bytes: _TokenBytes | None = None  # the byte filter's index of the vocabulary
 
     def stopped(self, seqs: list[Sequence]) -> list[bool]:
         """For samples whose groups set `stop` and that hold more than min_tokens
@@ -133,17 +134,9 @@ class StopChecker:
                 or any(s.endswith(_FFFD) for s in stop)):
             return None
         size = backend.get_vocab_size(with_added_tokens=True)
-        if self._token_bytes is None or self._token_bytes[0] != (id(backend), size):
-            self._token_bytes = (id(backend), size), _byte_level_tokens(backend)
-            self._filters.clear()
-        table = self._filters.get(stop)
-        if table is None:
-            # surrogatepass: a lone surrogate never occurs in a text, any byte will do
-            last = {s.encode("utf-8", "surrogatepass")[-1] for s in stop}
-            table = self._filters[stop] = bytes(
-                1 if b is None or not last.isdisjoint(b) else 0
-                for b in self._token_bytes[1])
-        return table
+        if self._bytes is None or self._bytes.backend is not backend or self._bytes.size != size:
+            self._bytes = _TokenBytes(backend, size)
+        return self._bytes.table(stop)
 
     def decoder(self, texts: dict[tuple[int, ...], str]
                 ) -> Callable[[list[int] | tuple[int, ...]], str]:
@@ -174,20 +167,29 @@ class StopChecker:
 def plain_fast_backend(tokenizer):
     """The Rust backend of a fast tokenizer whose decode(ids, skip_special_tokens=True) is
     exactly the backend's: its class and instance keep transformers' own decode and
-    _decode (which call the backend's decode, then `clean_up_tokenization` when
-    clean_up_tokenization_spaces is set: for some model types or transformers versions
-    only, so any truthy value refuses); else None. Checked at every call: the attributes
-    can change after construction."""
+    _decode, which call the backend's decode and then `clean_up_tokenization` when
+    clean_up_tokenization_spaces is set, except for a BPE model where the transformers
+    release skips it (those that have the flag
+    clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output, when it is
+    False: Llama 3's tokenizer sets clean_up_tokenization_spaces); else None. Checked at
+    every call: the attributes can change after construction."""
     from transformers import PreTrainedTokenizerFast
 
     cls = type(tokenizer)
     if (not isinstance(tokenizer, PreTrainedTokenizerFast)
-            or tokenizer.clean_up_tokenization_spaces
             or cls.decode is not PreTrainedTokenizerFast.decode
             or cls._decode is not PreTrainedTokenizerFast._decode
             or "decode" in vars(tokenizer) or "_decode" in vars(tokenizer)):
         return None
-    return tokenizer.backend_tokenizer
+    backend = tokenizer.backend_tokenizer
+    forced = getattr(tokenizer, _BPE_CLEANUP_FLAG, None)
+    if tokenizer.clean_up_tokenization_spaces and not (
+            type(backend.model).__name__ == "BPE" and forced is False):
+        return None
+    return backend
+
+
+_BPE_CLEANUP_FLAG = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
 
 
 def batch_decoder(tokenizer) -> Callable[[list[list[int]]], list[str]] | None:
@@ -209,19 +211,50 @@ def gpt2_byte_chars() -> dict[int, str]:
     return {b: chr(c) for b, c in codes.items()}
 
 
-def _byte_level_tokens(backend) -> list[bytes | None]:
-    """Per token id of a ByteLevel-decoded vocabulary, the bytes it can add to a text: its
+class _TokenBytes:
+    """The bytes each token id of a ByteLevel-decoded vocabulary can add to a text: its
     characters through GPT-2's byte map, together with their UTF-8 bytes (the decoder
     takes those for a token with a character outside the map); none for special tokens
-    (decode skips them); None for ids without a token."""
-    char_byte = {c: b for b, c in gpt2_byte_chars().items()}
-    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-    out: list[bytes | None] = [None] * backend.get_vocab_size(with_added_tokens=True)
-    for token, i in backend.get_vocab(with_added_tokens=True).items():
-        if i < len(out):
-            out[i] = b"" if i in special else bytes(
-                char_byte[c] for c in token if c in char_byte) + token.encode()
-    return out
+    (decode skips them). Per byte value, which ids hold it, built when first asked (at most
+    256); per set of stop strings, the filter's table (the last few kept)."""
+
+    _KEEP_TABLES = 64
+
+    def __init__(self, backend, size: int) -> None:
+        self.backend, self.size = backend, size
+        char_byte = {c: b for b, c in gpt2_byte_chars().items()}
+        special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        known = np.zeros(size, dtype=bool)
+        pieces, owners = [], []
+        for token, i in backend.get_vocab(with_added_tokens=True).items():
+            if i < size:
+                known[i] = True
+                if i not in special:
+                    b = bytes(char_byte[c] for c in token if c in char_byte) + token.encode()
+                    pieces.append(b)
+                    owners.append(np.full(len(b), i, dtype=np.int64))
+        self._flat = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self._owner = np.concatenate(owners) if owners else np.zeros(0, dtype=np.int64)
+        self._unknown = ~known  # ids without a token: they may complete anything
+        self._by_byte: dict[int, np.ndarray] = {}
+        self._tables: dict[tuple[str, ...], bytes] = {}
+
+    def table(self, stop: tuple[str, ...]) -> bytes:
+        """Per id, 1 when it holds the last byte of a stop string (or has no token)."""
+        table = self._tables.get(stop)
+        if table is None:
+            holds = self._unknown.copy()
+            # surrogatepass: a lone surrogate never occurs in a text, any byte will do
+            for last in {s.encode("utf-8", "surrogatepass")[-1] for s in stop}:
+                if last not in self._by_byte:
+                    mask = np.zeros_like(self._unknown)
+                    mask[self._owner[self._flat == last]] = True
+                    self._by_byte[last] = mask
+                holds |= self._by_byte[last]
+            if len(self._tables) >= self._KEEP_TABLES:
+                self._tables.clear()
+            table = self._tables[stop] = holds.tobytes()
+        return table
 
 
 @functools.cache

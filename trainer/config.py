@@ -94,9 +94,9 @@ class RolloutConfig:
     stop: list | None = _f(None, "stop strings (e.g. ['</answer>']): a response ends at the "
                            "token that completes one; the verifier sees its text up to and "
                            "including the stop string")
-    coverage_groups: int = _f(8, "groups per step (the first generated) whose unsampled "
-                              "mass at their samples' branch points is logged "
-                              "(rollout/unsampled_mass*; 0: off)")
+    coverage_groups: int = _f(8, "groups per step (the first generated) whose next-token "
+                              "mass no sample tried is logged (rollout/unsampled_mass*; "
+                              "0: off; the cost grows with samples x the longest response)")
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
                                    "when the engine starts; set it when several rollout "

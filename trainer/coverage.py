@@ -1,6 +1,9 @@
-"""What a group's samples leave untried: the unsampled probability mass at the points where
-they branch (BroRL's argument for large N: the update's only term that can shrink the
-correct tokens' mass comes from tokens no sample drew, and it falls as N grows).
+"""What a group's samples leave untried: the probability mass no sample drew at the prefixes
+they visit. A first-order proxy for BroRL's argument for large N: the update's only term
+that can shrink the correct tokens' mass comes from tokens no sample drew (Theorem 1 sums
+their squared probabilities, which the behaviour logprobs of sampled tokens cannot give),
+and it falls as N grows. The cost grows with the samples times the longest response:
+`rollout.coverage_groups` bounds the groups measured per step.
 
 The N samples of a prompt form a tree over their tokens: a node is a prefix that at least
 one sample drew a token after, its children are the distinct tokens drawn there, and each

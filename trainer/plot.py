@@ -1,7 +1,7 @@
 """Training curves of a run as a PNG, after the BroRL blog's Figure 1: held-out accuracy
 (mean@k, pass@k, greedy), mean reward, the rollout pass rate (measured, predicted, and
-predicted at N=16) and the unsampled mass at the samples' branch points (N samples and
-16) against training time."""
+predicted at N=16) and the next-token mass no sample tried at the samples' states (N
+samples and 16) against training time."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ PANELS = (
           (Series("rollout/pass_rate", "measured"),
            Series("rollout/predicted_pass_rate", "predicted", "--"),
            Series("rollout/predicted_pass_rate_n16", "predicted at N=16", ":"))),
-    Panel("Unsampled mass at branch points", "probability no sample tried",
+    Panel("Unsampled next-token mass", "probability no sample tried",
           (Series("rollout/unsampled_mass", "all N samples"),
            Series("rollout/unsampled_mass_n16", "16 samples", ":"),
            Series("rollout/unsampled_mass_n16_states", "16 samples' states, N samples",

@@ -125,7 +125,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
 
 
 def coverage_metrics(groups: list[Group]) -> dict:
-    """The unsampled mass at the branch points of each group's samples (trainer/coverage.py).
+    """The next-token mass no sample tried at each group's samples' states (trainer/coverage.py).
     With more than 16 samples per group, also what ProRL's N=16 leaves untried on the same
     policy: the group's first 16 samples as a tree of their own (`_n16`), and at their
     states with all samples' children (`_n16_states`). Nothing without groups or behaviour

@@ -44,8 +44,9 @@ def to_sglang_params(p: SamplingParams) -> dict:
 
 def from_sglang_output(result: dict, stop_token_ids: tuple[int, ...] = ()) -> CompletionOutput:
     """One SGLang result dict -> CompletionOutput (token ids, logprobs, finish reason).
-    stop_reason: SGLang's `matched` when it is a stop string or one of the request's
-    stop_token_ids (an EOS token of the model matches too, and gives None, as vLLM)."""
+    stop_reason: SGLang's `matched` when it is a stop string or one of `stop_token_ids`
+    (the request's less the model's EOS ids: SGLang names an EOS too; ours gives None,
+    as vLLM)."""
     meta = result.get("meta_info", {})
     ids = result.get("output_ids")
     lps = meta.get("output_token_logprobs")
@@ -82,11 +83,13 @@ class SGLangEngine:
                 raise ImportError("engine.backends.sglang needs SGLang (pip install "
                                   "'sglang[all]'); our own Engine needs nothing") from err
             engine = sglang.Engine(model_path=model, **engine_kwargs)
+        from engine.config import eos_token_ids, read_hf_configs
         from engine.tokenizer import load_tokenizer
 
         self._engine = engine
         self.model_path = model
         self.tokenizer = load_tokenizer(model)
+        self.eos_token_ids = eos_token_ids(*read_hf_configs(model))
         self.policy_version = 0
         self._group = None
 
@@ -107,9 +110,11 @@ class SGLangEngine:
                                f"{len(flat_ids)} requests")
         outs, k = [], 0
         for index, (i, p) in enumerate(zip(ids, params)):
+            eos = () if p.ignore_eos else self.eos_token_ids
+            stop_ids = tuple(t for t in p.stop_token_ids or () if t not in eos)
             samples = []
             for j in range(p.n):
-                c = from_sglang_output(results[k], p.stop_token_ids or ())
+                c = from_sglang_output(results[k], stop_ids)
                 c.index = j
                 if not p.logprobs:
                     c.logprobs = None

@@ -140,6 +140,10 @@ def test_stop_reason_names_the_stop_token_but_not_eos_or_length(qwen2):
     ends = {(c.finish_reason, c.token_ids[-1] if c.finish_reason == "stop" else None,
              c.stop_reason) for c in out}
     assert ends == {("stop", 5, 5), ("stop", 2, None), ("length", None, None)}
+    listed = engine.generate([9, 10], SamplingParams(n=200, max_tokens=20, seed=1,
+                                                     stop_token_ids=[5, 2]))[0].outputs
+    assert [(c.token_ids, c.stop_reason) for c in listed] == [
+        (c.token_ids, c.stop_reason) for c in out]  # an EOS listed still names nothing
 
 
 def test_logprobs_are_of_the_temperature_scaled_full_softmax(qwen2):

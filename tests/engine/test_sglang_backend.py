@@ -15,9 +15,10 @@ from trainer.weight_sync.protocol import plan_buckets
 class FakeSGLang:
     """Answers like sglang.Engine: output token k of request r is 100 * r + k."""
 
-    def __init__(self, finish="length", update_result=(True, "ok")) -> None:
+    def __init__(self, finish="length", update_result=(True, "ok"), matched=None) -> None:
         self.calls = []
         self.finish = finish
+        self.matched = matched
         self.update_result = update_result
 
     def generate(self, input_ids, sampling_params, return_logprob):
@@ -26,7 +27,7 @@ class FakeSGLang:
         for r, sp in enumerate(sampling_params):
             toks = [100 * r + k for k in range(sp["max_new_tokens"])]
             out.append({"text": f"r{r}", "meta_info": {
-                "finish_reason": {"type": self.finish},
+                "finish_reason": {"type": self.finish, "matched": self.matched},
                 "output_token_logprobs": [(-0.5 * (k + 1), t, None)
                                           for k, t in enumerate(toks)]}})
         return out
@@ -96,6 +97,18 @@ def test_stop_reason_is_the_matched_stop_string_or_stop_token(matched, stop_ids,
     meta = {"finish_reason": {"type": "stop", "matched": matched}}
     assert from_sglang_output({"output_ids": [1], "meta_info": meta},
                               stop_ids).stop_reason == want
+
+
+@pytest.mark.parametrize("matched,ignore_eos,want", [(7, False, 7), (2, False, None),
+                                                       (2, True, 2)])
+def test_a_listed_eos_names_no_stop_reason_unless_eos_is_ignored(qwen2, matched, ignore_eos,
+                                                                 want):
+    """As our engine: the checkpoint's EOS (2) gives None even in stop_token_ids."""
+    eng = SGLangEngine(qwen2[0], engine=FakeSGLang("stop", matched=matched))
+    assert eng.eos_token_ids == (2,)
+    out = eng.generate([[1, 2]], SamplingParams(max_tokens=2, stop_token_ids=[2, 7],
+                                                ignore_eos=ignore_eos))
+    assert out[0].outputs[0].stop_reason == want
 
 
 def test_an_aborted_request_raises():

@@ -429,6 +429,30 @@ def test_batched_and_one_by_one_checks_agree_step_by_step(tmp_path, kind):
             assert texts == [cut(decode(tok, out), stops, False)] * 2
 
 
+def test_clean_up_tokenization_spaces_keeps_the_fast_paths_only_where_decode_skips_it(tmp_path):
+    """Llama 3 sets clean_up_tokenization_spaces; transformers releases that skip the
+    cleanup for BPE models keep the batched decode and the byte filter, and only where the
+    tokenizer's decode then equals the backend's on a text the cleanup would change."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = _byte_chars()  # every byte a token, so "." and "," encode
+    backend = Tokenizer(models.BPE({chars[b]: b for b in range(256)}, []))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.clean_up_tokenization_spaces = True
+    ids = tok("a . b , c", add_special_tokens=False)["input_ids"]
+    raw = tok.backend_tokenizer.decode(ids, skip_special_tokens=True)
+    assert tok.clean_up_tokenization(raw) != raw  # the cleanup would change this text
+    skipped = decode(tok, ids) == raw
+    assert (batch_decoder(tok) is not None) == skipped
+    assert (StopChecker(tok).byte_filter(("a",)) is not None) == skipped
+    if hasattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"):
+        tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+        assert decode(tok, ids) != raw and batch_decoder(tok) is None
+
+
 def test_the_batched_path_is_refused_when_decode_is_replaced(tmp_path):
     tok = save_byte_tokenizer(tmp_path)
     assert batch_decoder(tok) is not None

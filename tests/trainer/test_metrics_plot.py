@@ -146,7 +146,7 @@ def test_plot_run_draws_a_panel_per_section_with_data(tmp_path, monkeypatch):
         [(p.title, [s.key for s, _, _ in c]) for p, c in curves]))
     _fake_run(tmp_path)
     plot_run(tmp_path)
-    assert drawn[0][3] == ("Unsampled mass at branch points",
+    assert drawn[0][3] == ("Unsampled next-token mass",
                            ["rollout/unsampled_mass", "rollout/unsampled_mass_n16"])
     assert [t for t, _ in drawn[0]] == [p.title for p in trainer.plot.PANELS]
 
