@@ -62,22 +62,32 @@ def _group(tokens: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]],
             raise ValueError(f"sample {i} has {len(t)} tokens but {len(lp)} logprobs")
     # lexicographic order (a prefix first); list comparison stops at the first difference
     order = sorted(range(len(tokens)), key=lambda i: list(tokens[i]))
-    lens = np.array([len(tokens[i]) for i in order], dtype=np.int64)
-    n, width = len(tokens), int(lens.max(initial=0))
-    if width == 0:
+    toks = [np.asarray(tokens[i], dtype=np.int64) for i in order]
+    probs_of = [np.exp(np.asarray(logprobs[i], dtype=np.float64)) for i in order]
+    lens = np.array([len(x) for x in toks], dtype=np.int64)
+    n, longest = len(toks), int(lens.max(initial=0))
+    if longest == 0:
         return math.nan, np.zeros(4)
-    # laid out depth-major: row t holds every sample's token t, so a node at depth t is a
-    # contiguous run of its row
-    cols = np.repeat(np.arange(n), lens)
-    depth = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+    # lcp[i]: the common prefix length of sorted samples i - 1 and i (lcp[0] = -1), taking
+    # a sample's end as a token of its own (identical samples: longest)
+    lcp = np.full(n, -1, dtype=np.int64)
+    for i in range(1, n):
+        a, b = toks[i - 1], toks[i]
+        k = min(len(a), len(b))
+        d = np.flatnonzero(a[:k] != b[:k])
+        lcp[i] = d[0] if d.size else (k if len(a) != len(b) else longest)
+    # past depth `width` every node holds one sample: its u is 1 - p of its own token, so
+    # only the shared part is laid out densely, depth-major (row t holds every sample's
+    # token t, and a node at depth t is a contiguous run of its row)
+    shared = np.maximum(lcp, np.append(lcp[1:], -1))  # with either neighbour
+    width = max(1, int(np.minimum(lens, shared + 1).max()))
     ids = np.full((width, n), -1, dtype=np.int64)  # -1 pads: after a sample ends
-    ids[depth, cols] = np.concatenate([np.asarray(tokens[i], dtype=np.int64) for i in order])
     probs = np.zeros((width, n))
-    probs[depth, cols] = np.exp(np.concatenate(
-        [np.asarray(logprobs[i], dtype=np.float64) for i in order]))
-    # lcp[i]: the common prefix length of sorted samples i - 1 and i (lcp[0] = -1)
-    differ = ids[:, 1:] != ids[:, :-1]
-    lcp = np.concatenate([[-1], np.where(differ.any(0), differ.argmax(0), width)])
+    tails = np.zeros(n)  # each sample's sum of u past the shared part
+    for i, (x, p) in enumerate(zip(toks, probs_of)):
+        ids[:len(x[:width]), i] = x[:width]
+        probs[:len(p[:width]), i] = p[:width]
+        tails[i] = np.clip(1.0 - p[width:], 0.0, 1.0).sum()
     t = np.arange(width)[:, None]
     drew = t < lens[None, :]  # sample i drew a token at depth t
     # at depth t, sample i opens a new node (prefix of length t) when it shares fewer than
@@ -94,10 +104,10 @@ def _group(tokens: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]],
     last = np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1]
     before = np.take_along_axis(mass, first - 1, axis=1) * (first > 0)
     node_mass = np.take_along_axis(mass, last, axis=1) - before
-    u = np.where(drew, np.clip(1.0 - node_mass, 0.0, 1.0), 0.0)
+    u = np.where(drew, np.clip(1.0 - node_mass, 0.0, 1.0), 0.0).sum(0) + tails
     sub = np.asarray(order) < states
     return float(np.clip(1.0 - mass[0, -1], 0.0, 1.0)), np.array(
-        [u.sum(), drew.sum(), u[:, sub].sum(), drew[:, sub].sum()], dtype=np.float64)
+        [u.sum(), lens.sum(), u[sub].sum(), lens[sub].sum()], dtype=np.float64)
 
 
 def unsampled_mass_reference(groups, states: int | None = None) -> dict[str, float]:
