@@ -2,8 +2,8 @@
 they visit. A first-order proxy for BroRL's argument for large N: the update's only term
 that can shrink the correct tokens' mass comes from tokens no sample drew (Theorem 1 sums
 their squared probabilities, which the behaviour logprobs of sampled tokens cannot give),
-and it falls as N grows. The cost grows with the samples times the longest response:
-`rollout.coverage_groups` bounds the groups measured per step.
+and it falls as N grows. The cost grows with the tokens, and with the samples times the
+longest prefix two of them share: `rollout.coverage_groups` bounds the groups per step.
 
 The N samples of a prompt form a tree over their tokens: a node is a prefix that at least
 one sample drew a token after, its children are the distinct tokens drawn there, and each
