@@ -41,8 +41,9 @@ token ends in one of the token's bytes, but a U+FFFD (that may stand for old byt
 a stop string new with the token ends in a new character; so unless it ends in U+FFFD (such
 stop sets are not filtered) the token's bytes hold its last byte. From the second check on, a
 sample whose last token holds none of those bytes cannot have stopped, and is not decoded
-(`byte_filter`: a table over the vocabulary, built once per set of stop strings; special
-tokens decode to nothing and hold no bytes).
+(`byte_filter`: an index of which ids hold each byte, built once per tokenizer, gives a
+table over the vocabulary per set of stop strings; special tokens decode to nothing and
+hold no bytes).
 """
 
 from __future__ import annotations
@@ -314,9 +315,9 @@ def completes_stop(decode: Callable[[list[int] | tuple[int, ...]], str], ids: li
 def find_stop(text: str, stop: tuple[str, ...]) -> tuple[str, int] | None:
     """The stop string whose first occurrence in text ends first (at equal ends, the
     longer) and where that occurrence starts, or None."""
-    best = None
+    best, best_key = None, None
     for s in stop:
         i = text.find(s)
-        if i >= 0 and (best is None or (i + len(s), i) < (best[1] + len(best[0]), best[1])):
-            best = (s, i)
+        if i >= 0 and (best_key is None or (i + len(s), i) < best_key):
+            best, best_key = (s, i), (i + len(s), i)
     return best

@@ -85,9 +85,10 @@ def _group(tokens: Sequence[Sequence[int]], logprobs: Sequence[Sequence[float]],
     probs = np.zeros((width, n))
     tails = np.zeros(n)  # each sample's sum of u past the shared part
     for i, (x, p) in enumerate(zip(toks, probs_of)):
-        ids[:len(x[:width]), i] = x[:width]
-        probs[:len(p[:width]), i] = p[:width]
-        tails[i] = np.clip(1.0 - p[width:], 0.0, 1.0).sum()
+        m = min(len(x), width)
+        ids[:m, i] = x[:m]
+        probs[:m, i] = p[:m]
+        tails[i] = np.clip(1.0 - p[m:], 0.0, 1.0).sum()
     t = np.arange(width)[:, None]
     drew = t < lens[None, :]  # sample i drew a token at depth t
     # at depth t, sample i opens a new node (prefix of length t) when it shares fewer than

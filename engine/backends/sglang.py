@@ -16,6 +16,8 @@ distribution, so with temperature != 1 prefer `algorithm.old_logprobs=recompute`
 
 from __future__ import annotations
 
+import os
+
 from engine.inputs import normalize_params, normalize_prompts
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -89,7 +91,10 @@ class SGLangEngine:
         self._engine = engine
         self.model_path = model
         self.tokenizer = load_tokenizer(model)
-        self.eos_token_ids = eos_token_ids(*read_hf_configs(model))
+        # a model SGLang fetches itself (a hub id) has no local config: no EOS ids known,
+        # so an EOS listed in stop_token_ids is then named as SGLang names it
+        self.eos_token_ids = (eos_token_ids(*read_hf_configs(model))
+                              if os.path.isfile(os.path.join(model, "config.json")) else ())
         self.policy_version = 0
         self._group = None
 

@@ -111,6 +111,12 @@ def test_a_listed_eos_names_no_stop_reason_unless_eos_is_ignored(qwen2, matched,
     assert out[0].outputs[0].stop_reason == want
 
 
+def test_a_model_without_a_local_config_still_builds(tmp_path):
+    """A hub id that SGLang fetches itself: no tokenizer, no EOS ids known here."""
+    eng = SGLangEngine(str(tmp_path / "org" / "model"), engine=FakeSGLang())
+    assert eng.tokenizer is None and eng.eos_token_ids == ()
+
+
 def test_an_aborted_request_raises():
     with pytest.raises(RuntimeError, match="abort"):
         from_sglang_output({"output_ids": [1], "meta_info": {"finish_reason":
