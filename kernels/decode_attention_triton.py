@@ -34,7 +34,15 @@ from kernels.triton_common import (
 
 DECODE_BLOCK_N = 64  # keys per step of the paged / suffix kernel
 PREFIX_BLOCK_M = 64  # samples x query heads per prefix tile
-PREFIX_BLOCK_N = 64  # prefix keys per step
+PREFIX_WARPS = 8
+
+
+def prefix_block_n(dtype: torch.dtype) -> int:
+    """Prefix keys per step. At head dim 128 on sm_90 (`python -m kernels.triton_aot`,
+    bench/results/triton-resources-sm90.json), 64 with 8 warps compiles without spills in
+    bf16; float32's exact products run on the FMA units, whose 64-key tiles spilled 14 KB
+    a thread, 32-key ones none. Chosen from the compiled kernels' resources, not timed."""
+    return 32 if dtype == torch.float32 else 64
 
 
 @triton.jit
@@ -195,8 +203,9 @@ def _launch_prefix(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens, s
         scale * LOG2E, split_len, nmax, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], group_rows.stride(0), prefix_pages.stride(0),
         *o_part.stride()[:3], *l_part.stride(),
-        HKV=hkv, R=r, D=D, PS=ps, BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=PREFIX_BLOCK_N,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype))
+        HKV=hkv, R=r, D=D, PS=ps, BLOCK_M=PREFIX_BLOCK_M, BLOCK_N=prefix_block_n(q.dtype),
+        BLOCK_D=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype),
+        num_warps=PREFIX_WARPS)
 
 
 def _merge(o_part: torch.Tensor, l_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +281,7 @@ def _prefix_partials(q, k_cache, v_cache, group_rows, prefix_pages, prefix_lens,
     r = H // k_cache.shape[2]
     max_tokens = prefix_pages.shape[1] * k_cache.shape[1]
     work = G * k_cache.shape[2] * triton.cdiv(max(group_rows.shape[1] * r, 1), PREFIX_BLOCK_M)
-    s, split_len = _split_plan(work, max_tokens, q.device, splits, PREFIX_BLOCK_N)
+    s, split_len = _split_plan(work, max_tokens, q.device, splits, prefix_block_n(q.dtype))
     o_part, l_part = _partials(B, H, s + extra_splits, D, q.device)
     if padded is None:
         padded = _check_groups(group_rows, prefix_lens, B, max_tokens, suffix)
