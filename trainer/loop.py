@@ -258,10 +258,12 @@ def _log_eval(run: Run, step: int, metrics: dict) -> None:
 
 
 def _console(step: int, steps: int, m: dict) -> None:
-    log.info("step %d/%d: reward %.3f, pass rate %.2f (predicted %.2f; at N=16 %.2f), "
+    n16 = m.get("rollout/pass_rate_n16")
+    log.info("step %d/%d: reward %.3f, pass rate %.2f (predicted %.2f; at N=16 %.2f%s), "
              "%.0f samples/s, loss %s, %.1f s", step, steps, m["reward/mean"],
              m["rollout/pass_rate"], m["rollout/predicted_pass_rate"],
-             m["rollout/predicted_pass_rate_n16"], m["rollout/samples_per_s"],
+             m["rollout/predicted_pass_rate_n16"],
+             "" if n16 is None else f", first 16 samples {n16:.2f}", m["rollout/samples_per_s"],
              f"{m['train/loss']:.4f}" if "train/loss" in m else "-", m["step_seconds"])
 
 

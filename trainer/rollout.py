@@ -179,7 +179,7 @@ def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -
                            dtype=torch.float32)
     truncated = sum(f == "length" for g in generated for f in g.finish_reasons)
     samples = rewards.numel()
-    return {
+    out = {
         "rollout/groups_generated": len(generated),
         "rollout/groups_kept": len(kept),
         "rollout/pass_rate": len(kept) / len(generated),
@@ -197,3 +197,8 @@ def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -
         "response/mean_tokens": float(lengths.mean()),
         "response/truncated_fraction": truncated / samples,
     }
+    if n > 16:
+        # each group's first 16 samples are a draw of 16 from the same policy on the same
+        # prompts: the share of groups that would pass at N=16, measured, not predicted
+        out["rollout/pass_rate_n16"] = float(group_keep_mask(rewards[:, :16]).float().mean())
+    return out

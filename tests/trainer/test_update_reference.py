@@ -451,6 +451,24 @@ def test_dynamic_sampling_refills_until_enough_groups_pass():
     assert m["rollout/predicted_pass_rate"] == pytest.approx(3 * 0.6796875 / 6)
 
 
+def test_pass_rate_n16_is_measured_on_each_groups_first_16_samples():
+    from trainer.rollout import rollout_metrics
+
+    def group(rewards):
+        n = len(rewards)
+        return Group(Problem("p", "1", "math"), [1], [[2]] * n, [[-0.1]] * n, ["stop"] * n,
+                     torch.tensor(rewards, dtype=torch.float32))
+
+    ok_after_16 = [0.0] * 16 + [1.0] * 16  # passes at N=32, not on its first 16 samples
+    mixed_early = [0.0, 1.0] + [0.0] * 30
+    all_bad = [0.0] * 32
+    groups = [group(ok_after_16), group(mixed_early), group(all_bad), group(mixed_early)]
+    m = rollout_metrics(groups, groups[:2] + groups[3:], seconds=1.0)
+    assert m["rollout/pass_rate"] == pytest.approx(3 / 4)
+    assert m["rollout/pass_rate_n16"] == pytest.approx(2 / 4)
+    assert "rollout/pass_rate_n16" not in rollout_metrics([group([0.0, 1.0] * 8)], [], 1.0)
+
+
 def test_oversampling_asks_for_the_missing_groups_over_the_pass_rate_and_drops_extras():
     rewards = [ALL_OK, MIXED, ALL_BAD, MIXED, ALL_OK, MIXED, MIXED, MIXED, MIXED]
     out, engine = _rollouts(rewards, prompts_per_step=3, max_prompts=8, oversample=True)
