@@ -96,7 +96,8 @@ class RolloutConfig:
                            "including the stop string")
     coverage_groups: int = _f(8, "groups per step (the first generated) whose next-token "
                               "mass no sample tried is logged (rollout/unsampled_mass*; "
-                              "0: off; the cost grows with samples x the longest shared prefix)")
+                              "0: off; the cost grows with distinct samples x the longest "
+                              "prefix two distinct ones share)")
     page_size: int = _f(16, "engine KV page size")
     max_kv_tokens: int | None = _f(None, "engine KV pool size (None: 30% of the memory free "
                                    "when the engine starts; set it when several rollout "

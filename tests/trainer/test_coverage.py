@@ -103,3 +103,37 @@ def test_rollout_metrics_compare_all_samples_with_the_first_16():
     assert coverage_metrics([]) == {}  # rollout.coverage_groups=0
     groups[0].behaviour_logprobs[3] = None  # an engine that returned no logprobs
     assert coverage_metrics(groups) == {}
+
+
+def test_copies_of_a_long_sample_weight_its_draws_without_deepening_the_tree():
+    """A peaked policy repeats its response: 40 copies of one 300-token sample and a few
+    others branching from its first 10 tokens. The result equals the trie's, for states
+    that cut through the copies, and the dense part stays as deep as what distinct
+    samples share, not as the copies."""
+    from trainer.coverage import _tree
+
+    rng = random.Random(11)
+    probs = _policy(7, 5)
+
+    def draw(prefix: list[int], length: int) -> tuple[list[int], list[float]]:
+        t, lp = list(prefix), [math.log(probs(tuple(prefix[:k]))[x]) for k, x in enumerate(prefix)]
+        while len(t) < length:
+            p = probs(tuple(t)) if len(t) < 40 else [0.9, 0.025, 0.025, 0.025, 0.025]
+            tok = rng.choices(range(5), weights=p)[0]
+            t.append(tok)
+            lp.append(math.log(p[tok]))
+        return t, lp
+
+    long, long_lp = draw([], 300)
+    others = [draw(long[:10] + [(long[10] + 1) % 5], rng.randrange(11, 60)) for _ in range(4)]
+    tokens = [long] * 20 + [t for t, _ in others] + [long] * 20 + [[]]
+    logprobs = [long_lp] * 20 + [lp for _, lp in others] + [long_lp] * 20 + [[]]
+    for states in (None, 1, 10, 22, 30):
+        got = unsampled_mass([(tokens, logprobs)], states)
+        want = unsampled_mass_reference([(tokens, logprobs)], states)
+        for k in want:
+            assert got[k] == pytest.approx(want[k], abs=1e-12), (k, states)
+    tree = _tree(tokens, logprobs, 22)
+    assert len(tree.ids) == 6  # the long one, 4 others, the empty one
+    assert tree.copies[:, [len(t) for t in tree.ids].index(300)].tolist() == [40, 20]
+    assert tree.width <= 60  # the others' lengths bound what is shared, not 300
