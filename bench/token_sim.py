@@ -2,15 +2,16 @@
 128k-token categorical policy lose correct mass at small N and gain it at large N?
 
     python bench/token_sim.py                    # V = 131072, 10,000 correct, 64 trials
-    python bench/token_sim.py --trials 16 --ns 1 4 512
+    python bench/token_sim.py --trials 16 --ns 1 4 512 --logit-std 2
 
-Per trial a fresh policy: logits ~ N(0, 2^2) (a head of a few hundred tokens holds most of
-the mass) and a random correct set. Each N draws N samples per trial; the same samples
-drive four single steps: loss "reinforce" (-sum over distinct sampled tokens of R p, whose
-SGD step is the theorem's update) or "sample_mean" (-(1/N) sum over samples of R log p),
-optimizer SGD (lr 1) or AdamW (lr 1e-3, eps 1e-8, no weight decay: decay would also cool
-every logit). Two reward settings: "fixed" R_c = 1, R_w = -1, and "baseline" 1{correct}
-minus the group's accuracy (GRPO-style; an all-correct or all-wrong group gets no update).
+Per trial a fresh policy: logits ~ N(0, s^2) for each s in --logit-std (1, 2, 4; at 2 a
+head of a few hundred tokens holds most of the mass) and a random correct set. Each N
+draws N samples per trial; the same samples drive four single steps: loss "reinforce"
+(-sum over distinct sampled tokens of R p, whose SGD step is the theorem's update) or
+"sample_mean" (-(1/N) sum over samples of R log p), optimizer SGD (lr 1) or AdamW (lr
+1e-3, eps 1e-8, no weight decay: decay would also cool every logit). Two reward settings:
+"fixed" R_c = 1, R_w = -1, and "baseline" 1{correct} minus the group's accuracy
+(GRPO-style; an all-correct or all-wrong group gets no update).
 Per row: mean actual dQ_pos, the share of trials with dQ_pos < 0, the mean share of correct
 tokens whose probability rose (and the share of trials where all did), and the theorem's
 mean terms per unit lr (sampled = the two non-negative ones). Writes
@@ -55,22 +56,23 @@ def main() -> None:
     ap.add_argument("--correct", type=int, default=10000)
     ap.add_argument("--ns", type=int, nargs="+", default=[1, 4, 16, 64, 256, 512, 2048, 16384])
     ap.add_argument("--trials", type=int, default=64)
-    ap.add_argument("--logit-std", type=float, default=2.0)
+    ap.add_argument("--logit-std", type=float, nargs="+", default=[1.0, 2.0, 4.0],
+                    help="initial logits' standard deviation(s); one table per value")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "token-sim-cpu.json")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     rows, configs = [], {}
-    for reward in REWARDS:
-        cfg = SimConfig(vocab_size=args.vocab, num_correct=args.correct, ns=tuple(args.ns),
-                        trials=args.trials, logit_std=args.logit_std, reward=reward,
-                        seed=args.seed)
-        start = time.perf_counter()
-        part = [dict(reward=reward, **r) for r in simulate(cfg)]
-        _print_table(reward, part)
-        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
-        rows += part
-        configs[reward] = dataclasses.asdict(cfg)
+    for std in args.logit_std:
+        for reward in REWARDS:
+            cfg = SimConfig(vocab_size=args.vocab, num_correct=args.correct, ns=tuple(args.ns),
+                            trials=args.trials, logit_std=std, reward=reward, seed=args.seed)
+            start = time.perf_counter()
+            part = [dict(reward=reward, logit_std=std, **r) for r in simulate(cfg)]
+            _print_table(f"{reward}, logits ~ N(0, {std:g}^2)", part)
+            print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+            rows += part
+            configs[f"{reward}@{std:g}"] = dataclasses.asdict(cfg)
     result = dict(benchmark="token_sim", device="cpu", cpu_count=os.cpu_count(),
                   versions=versions(), date=datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec="seconds"), config=configs, rows=rows)
