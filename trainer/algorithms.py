@@ -55,8 +55,11 @@ def compute_advantages(name: str, rewards: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 def _group_centered(rewards: Tensor) -> Tensor:
-    """[G, N] -> [G, N]: each reward minus its group's mean."""
-    return rewards - rewards.mean(dim=1, keepdim=True)
+    """[G, N] -> [G, N]: each reward minus its group's mean; exactly 0 in a group whose
+    rewards are all equal (a float mean of N copies of 0.9 is off by an ulp, which GRPO's
+    division by the group's as tiny std would blow up to an advantage of ~0.2)."""
+    same = rewards.amax(dim=1, keepdim=True) == rewards.amin(dim=1, keepdim=True)
+    return torch.where(same, 0.0, rewards - rewards.mean(dim=1, keepdim=True))
 
 
 @register_estimator("reinforce_pp_baseline")
