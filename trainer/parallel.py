@@ -102,6 +102,8 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from trainer.policy import _no_dropout
+
     if not dp.enabled:
         raise ValueError("load_sharded_policy needs a data-parallel group; use "
                          "trainer.policy.load_policy without one")
@@ -116,6 +118,7 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}  # e.g. RoPE's
+    _no_dropout(model)  # as load_policy: the logprobs it trains on must be the policy's
     model.train(not frozen)
     for p in model.parameters():
         p.requires_grad_(not frozen)

@@ -1,9 +1,9 @@
 """Data-parallel training (trainer/parallel.py): two CPU processes over gloo with FSDP2, the
 policy and its KL reference read by rank 0 alone and broadcast into the other rank's
-shards, take the same policy-update step as one process, to float32 rounding (gradients
-summed over ranks, a rank with no samples left joining the collectives at weight 0, old logprobs
-recomputed by shares, a sharded KL reference); the full state and the optimizer state
-gather on rank 0 and load back."""
+shards, take the same policy-update step as one process, to float32 rounding (dropout off
+in both, gradients summed over ranks, a rank with no samples left joining the collectives
+at weight 0, old logprobs recomputed by shares, a sharded KL reference); the full state and
+the optimizer state gather on rank 0 and load back."""
 
 import copy
 import multiprocessing as mp
@@ -68,6 +68,7 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
     model = load_sharded_policy(path, dp, torch.device("cpu"))
     ref = load_sharded_policy(path, dp, torch.device("cpu"), frozen=True)
     assert ref.training is False and not any(p.requires_grad for p in ref.parameters())
+    assert model.training and model.config.attention_dropout == 0.0
     cfg = load_config(None, OVERRIDES)
     metrics, opt = _step(model, ref, cfg, dp)
     state = full_state(model, dp)
@@ -158,7 +159,9 @@ def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
     from trainer.weight_sync.channel import free_port
 
     path = str(tmp_path / "policy")
-    make_checkpoint(path, "qwen2", seed=3, tie_word_embeddings=True)
+    # dropout in the checkpoint's config: both trainers must turn it off, or the sharded
+    # step's logprobs are noisy and it differs from the one-process one
+    make_checkpoint(path, "qwen2", seed=3, tie_word_embeddings=True, attention_dropout=0.3)
     cfg = load_config(None, OVERRIDES)
     model = load_policy(path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
