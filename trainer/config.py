@@ -193,6 +193,25 @@ class AlgorithmConfig:
                              "the engine's logprob, so there is no mismatch to correct")
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))
         _choice(self, "loss_agg", ("token-mean", "seq-mean-token-mean"))
+        # the checks the loss makes at the first update, made before the first rollout
+        from trainer.algorithms import ESTIMATORS
+
+        _choice(self, "advantage", tuple(sorted(ESTIMATORS)))
+        name = type(self).__name__
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ValueError(f"{name}.eps_low must be in [0, 1), got {self.eps_low}")
+        if self.eps_high < 0.0:
+            raise ValueError(f"{name}.eps_high must be >= 0, got {self.eps_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"{name}.dual_clip must be > 1 (None: off), got {self.dual_clip}")
+        if self.kl_coef < 0.0:
+            raise ValueError(f"{name}.kl_coef must be >= 0, got {self.kl_coef}")
+        _positive(self, "kl_clamp")
+        low, high = self.tis_bounds
+        if self.tis != "none" and not 0.0 <= low < high:
+            raise ValueError(f"{name}.tis_low and tis_high need 0 <= low < high, got "
+                             f"low={low}, high={high} (tis_low None: "
+                             f"{'0' if self.tis == 'truncate' else '0.5'} for {self.tis})")
 
     @property
     def tis_bounds(self) -> tuple[float, float]:

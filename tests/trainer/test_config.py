@@ -50,10 +50,24 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("rollout.top_k=0", "rollout: top_k must be -1"), ("eval.top_p=1.5", "eval: top_p"),
     ("eval.temperature=-1", "eval: temperature must be >= 0"),
     ("rollout.attention_backend=fast", "attention_backend must be one of auto, torch"),
+    # the loss's own checks, at load rather than after the first rollout
+    ("algorithm.advantage=ppo", "advantage must be one of dr_grpo, grpo, "),
+    ("algorithm.eps_low=1.5", r"eps_low must be in \[0, 1\), got 1.5"),
+    ("algorithm.eps_high=-0.1", "eps_high must be >= 0"),
+    ("algorithm.dual_clip=0.5", "dual_clip must be > 1"),
+    ("algorithm.kl_clamp=-1", "kl_clamp must be > 0"), ("algorithm.kl_coef=-0.1", "kl_coef"),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+def test_importance_bounds_are_checked_at_load_with_their_default():
+    with pytest.raises(ValueError, match=r"low=0.5, high=0.3 \(tis_low None: 0.5 for mask"):
+        load_config(None, ["algorithm.old_logprobs=recompute", "algorithm.tis=mask",
+                           "algorithm.tis_high=0.3"])
+    # without an importance correction the bounds are not used
+    assert load_config(None, ["algorithm.tis_high=0.3"]).algorithm.tis_high == 0.3
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):
