@@ -73,15 +73,18 @@ def build_samples(groups: list[Group], cfg: TrainConfig,
 def policy_update(model, optimizer, scheduler, groups: list[Group], cfg: TrainConfig,
                   pad_id: int, ref_model=None, generator: torch.Generator | None = None,
                   dp: DataParallel = SINGLE) -> dict:
-    """Runs algorithm.num_mini_batches optimizer steps over the kept groups' samples.
+    """Runs algorithm.num_mini_batches optimizer steps over the kept groups' samples (one
+    per sample when there are fewer).
     Returns averaged loss statistics. Every rank of `dp` calls it with the same groups
     and an identically seeded generator."""
     samples, metrics = build_samples(groups, cfg, generator)
     if cfg.algorithm.old_logprobs == "recompute":
         metrics.update(recompute_old_logprobs(model, samples, cfg, pad_id, dp))
     order = torch.randperm(len(samples), generator=generator).tolist()
+    # fewer samples than mini-batches: no empty ones (AdamW would still step on its
+    # momentum, and the averaged statistics would count them as zeros)
     chunks = [order[i::cfg.algorithm.num_mini_batches]
-              for i in range(cfg.algorithm.num_mini_batches)]
+              for i in range(min(cfg.algorithm.num_mini_batches, len(samples)))]
     totals: dict[str, float] = {}
     norms = []
     distinct = 0

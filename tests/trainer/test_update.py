@@ -105,6 +105,30 @@ def test_merging_identical_samples_gives_the_same_step(tmp_path, extra):
     assert moved > 1e-4  # the step did something to compare
 
 
+def test_fewer_samples_than_mini_batches_take_one_step_each(tmp_path):
+    """12 samples, 16 mini-batches: 12 AdamW steps, exactly as 12 mini-batches take (the
+    4 empty ones used to step AdamW on its momentum alone, and count as zero losses)."""
+    from tests.helpers import make_checkpoint
+    from trainer.policy import load_policy
+    from trainer.update import policy_update
+
+    path = str(tmp_path / "policy")
+    make_checkpoint(path, "qwen2", seed=4)
+    results = {}
+    for k in (12, 16):
+        cfg = load_config(None, [f"algorithm.num_mini_batches={k}"])
+        model = load_policy(path)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        metrics = policy_update(model, opt, sched, _groups_with_repeats(), cfg, 0, None,
+                                torch.Generator().manual_seed(5))
+        assert sched.last_epoch == 12
+        results[k] = metrics, [p.detach().clone() for p in model.parameters()]
+    (m12, p12), (m16, p16) = results[12], results[16]
+    assert all(torch.equal(a, b) for a, b in zip(p12, p16))
+    assert m16 == m12
+
+
 def test_merge_identical_keeps_apart_what_differs():
     from trainer.update import Sample
 
