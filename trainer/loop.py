@@ -146,6 +146,10 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     else:
         model = load_policy(path, device)
         ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
+    if cfg.algorithm.ref_reset_every and ref_model is None and dp.is_main:
+        log.warning("algorithm.ref_reset_every=%d does nothing with algorithm.kl_coef=0: "
+                    "there is no reference to reset (nor, with it, the optimizer state)",
+                    cfg.algorithm.ref_reset_every)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.optim.betas),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))

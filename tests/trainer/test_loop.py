@@ -77,6 +77,22 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
         run.metrics.close()
 
 
+def test_a_reference_reset_without_kl_is_warned_about(tiny_policy, tmp_path, caplog):
+    run = setup(_cfg(tiny_policy, tmp_path / "run", **{"algorithm.ref_reset_every": 5}), None)
+    try:
+        assert run.ref_model is None
+        assert "ref_reset_every=5 does nothing with algorithm.kl_coef=0" in caplog.text
+    finally:
+        run.pool.close()
+        run.metrics.close()
+    caplog.clear()
+    run = setup(_cfg(tiny_policy, tmp_path / "run2", **{"algorithm.ref_reset_every": 5,
+                                                         "algorithm.kl_coef": 0.1}), None)
+    run.pool.close()
+    run.metrics.close()
+    assert "does nothing" not in caplog.text
+
+
 def _comparable(rows):
     return [{k: v for k, v in r.items() if not any(t in k for t in _TIME_KEYS)} for r in rows]
 
