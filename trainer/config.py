@@ -230,7 +230,9 @@ class OptimConfig:
     warmup_steps: int = _f(0, "linear warm-up, in optimizer steps (num_mini_batches per "
                            "RL step)")
     schedule: str = _f("constant", "constant | cosine")
-    scale_lr: bool = _f(False, "multiply lr by sqrt(samples per step / lr_reference_samples)")
+    scale_lr: bool = _f(False, "multiply lr by sqrt(samples per step / lr_reference_samples); "
+                        "samples drawn (rollout.n x prompts_per_step), also when "
+                        "train_samples_per_group trains on fewer")
     lr_reference_samples: int = _f(8192, "samples per step the base lr was tuned for")
     micro_batch_size: int = _f(64, "sequences per forward/backward")
     merge_identical_samples: bool = _f(True, "compute each distinct sample of a mini-batch "
