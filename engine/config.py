@@ -172,6 +172,13 @@ def eos_token_ids(hf: dict[str, Any], generation: dict[str, Any] | None) -> tupl
     return tuple(eos)
 
 
+def with_tokenizer_eos(eos: tuple[int, ...], tokenizer) -> tuple[int, ...]:
+    """The configs' EOS ids and then the tokenizer's EOS, as vLLM stops on it too: a
+    checkpoint whose configs name none (or another one) still ends at its tokenizer's."""
+    extra = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return eos if extra is None or extra in eos else (*eos, int(extra))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs. `max_kv_tokens=None` sizes the KV pool from free memory."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -11,7 +12,7 @@ import torch
 
 from engine.attention import make_backend
 from engine.cache_manager import CacheManager
-from engine.config import EngineConfig, ModelConfig
+from engine.config import EngineConfig, ModelConfig, with_tokenizer_eos
 from engine.inputs import normalize_params, normalize_prompts, tokenize, validate
 from engine.kv_pool import KVPool, num_pages_that_fit
 from engine.merging import assign_rows, distinct_contexts, sampler_rows
@@ -47,6 +48,8 @@ class Engine:
                                self.config.linear_backend)
         self.model.load_checkpoint(model)
         self.tokenizer = load_tokenizer(model)
+        self.model_config = dataclasses.replace(self.model_config, eos_token_ids=(
+            with_tokenizer_eos(self.model_config.eos_token_ids, self.tokenizer)))
         self._stop = StopChecker(self.tokenizer)
         num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
         self.kv = KVPool(self.model_config, num_pages, page_size, tdtype, self.device)
@@ -300,7 +303,8 @@ class Engine:
             text, reason = None, None
             if self.tokenizer is not None:
                 text, reason = self._stop.text(
-                    ids, g.params, s.finish_reason == "stop" and not on_token, texts)
+                    ids, g.params, s.finish_reason == "stop" and not on_token, texts,
+                    on_token)
             if on_token and ids[-1] in user_stop_ids and ids[-1] not in eos:
                 reason = ids[-1]
             outs.append(CompletionOutput(s.index, ids, list(s.logprobs) if g.params.logprobs

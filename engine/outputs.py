@@ -14,7 +14,8 @@ class CompletionOutput:
     finish_reason: str
     # decoded when the checkpoint has a tokenizer; cut at a stop string (before it, or
     # after it with include_stop_str_in_output), while token_ids keep the token that
-    # completed it
+    # completed it; without the text of a stop token it ended on unless
+    # include_stop_str_in_output (as vLLM; EOS and other special tokens decode to nothing)
     text: str | None = None
     # vLLM's: the stop string or the token of stop_token_ids the sample stopped on; None
     # when it stopped on an EOS token of the model (listed in stop_token_ids or not, unless

@@ -6,14 +6,20 @@ import math
 import numbers
 from dataclasses import dataclass
 
+MIN_TEMPERATURE = 1e-5  # below it (but 0, greedy) logits / temperature may overflow
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to draw `n` samples from one prompt.
 
-    temperature 0 means greedy. top_k=-1, top_p=1 and min_p=0 disable truncation.
-    `seed=None` draws a fresh seed per call; with a seed, the samples depend only on
-    (seed, request index, sample index, position), never on batching or preemption.
+    temperature 0 means greedy (else at least MIN_TEMPERATURE). top_k=-1, top_p=1 and
+    min_p=0 disable truncation. `seed=None` draws a fresh seed per call; with a seed, the
+    samples depend only on (seed, request index, sample index, position), never on batching
+    or preemption. The request index is the prompt's position in its `generate` call (as
+    the noise of different prompts must differ), so the same prompt and seed at another
+    position, or a copy of it in the same call, draw other samples (unlike vLLM's
+    per-request seed).
     Behaviour logprobs are of the sampled token under softmax(logits / temperature) over
     the full vocabulary (before truncation); with temperature 0, under softmax(logits).
 
@@ -50,6 +56,10 @@ class SamplingParams:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got "
+                             f"{self.temperature:g}: logits / temperature overflow float32 "
+                             "(vLLM samples greedily below it)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:
@@ -64,12 +74,19 @@ class SamplingParams:
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ValueError("stop_token_ids must be a list of token ids, got "
+                                 f"{self.stop_token_ids!r}")
             object.__setattr__(self, "stop_token_ids", tuple(
                 _integer("stop_token_ids", t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop", _stop_strings(self.stop))
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError("include_stop_str_in_output must be a bool, got "
-                             f"{self.include_stop_str_in_output!r}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a bool (True: each sampled token's logprob), "
+                             f"got {self.logprobs!r}; vLLM's logprobs=k (the k most likely "
+                             "tokens' logprobs at each position) is not supported")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:

@@ -80,6 +80,7 @@ class StopChecker:
         # decision; it assumes the tokenizer does not change under the checker.
         self._last: dict[tuple[int, ...], str] = {}
         self._bytes: _TokenBytes | None = None  # the byte filter's index of the vocabulary
+        self._special: frozenset[int] | None = None  # ids that decode to nothing
 
     def stopped(self, seqs: list[Sequence]) -> list[bool]:
         """For samples whose groups set `stop` and that hold more than min_tokens
@@ -152,10 +153,16 @@ class StopChecker:
         return decode
 
     def text(self, output_ids: list[int], params: SamplingParams, stopped: bool,
-             texts: dict[tuple[int, ...], str]) -> tuple[str, str | None]:
+             texts: dict[tuple[int, ...], str], on_token: bool = False
+             ) -> tuple[str, str | None]:
         """A finished sample's text: its whole completion decoded (once per distinct
         completion in `texts`), cut at a stop string when it `stopped` on one (not on a
-        stop token); and that stop string, else None."""
+        stop token); and that stop string, else None. A sample that ended `on_token` (a
+        stop or EOS token) leaves that token's text out unless include_stop_str_in_output,
+        as vLLM does (special tokens decode to nothing anyway)."""
+        if (on_token and not params.include_stop_str_in_output
+                and output_ids[-1] not in self._special_ids()):
+            output_ids = output_ids[:-1]
         text = self.decoder(texts)(output_ids)
         hit = find_stop(text, params.stop) if stopped and params.stop else None
         if hit is None:
@@ -163,6 +170,11 @@ class StopChecker:
         stop, start = hit
         end = start + len(stop) if params.include_stop_str_in_output else start
         return text[:end], stop
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._special is None:
+            self._special = frozenset(getattr(self.tokenizer, "all_special_ids", ()))
+        return self._special
 
 
 def plain_fast_backend(tokenizer):

@@ -85,7 +85,7 @@ class SGLangEngine:
                 raise ImportError("engine.backends.sglang needs SGLang (pip install "
                                   "'sglang[all]'); our own Engine needs nothing") from err
             engine = sglang.Engine(model_path=model, **engine_kwargs)
-        from engine.config import eos_token_ids, read_hf_configs
+        from engine.config import eos_token_ids, read_hf_configs, with_tokenizer_eos
         from engine.tokenizer import load_tokenizer
 
         self._engine = engine
@@ -93,8 +93,9 @@ class SGLangEngine:
         self.tokenizer = load_tokenizer(model)
         # a model SGLang fetches itself (a hub id) has no local config: no EOS ids known,
         # so an EOS listed in stop_token_ids is then named as SGLang names it
-        self.eos_token_ids = (eos_token_ids(*read_hf_configs(model))
-                              if os.path.isfile(os.path.join(model, "config.json")) else ())
+        self.eos_token_ids = with_tokenizer_eos(
+            eos_token_ids(*read_hf_configs(model))
+            if os.path.isfile(os.path.join(model, "config.json")) else (), self.tokenizer)
         self.policy_version = 0
         self._group = None
 

@@ -234,6 +234,14 @@ def test_bad_requests_raise_and_the_engine_keeps_working(qwen2, bad, match):
     (dict(top_k=2.5), "top_k must be an integer"), (dict(seed=1.5), "seed must be"),
     (dict(n=True), "n must be an integer"), (dict(max_tokens=8.0), "max_tokens"),
     (dict(stop_token_ids=[3.7]), "stop_token_ids must be an integer"),
+    (dict(stop_token_ids=2), "stop_token_ids must be a list of token ids, got 2"),
+    # vLLM's logprobs=0 means "the sampled token's": here it must not quietly mean none
+    (dict(logprobs=0), "logprobs must be a bool .*logprobs=k .* not supported"),
+    (dict(logprobs="no"), "logprobs must be a bool"), (dict(ignore_eos=0), "ignore_eos"),
+    (dict(ignore_eos="false"), "ignore_eos must be a bool"),
+    # logits / 1e-44 overflow float32 (NaN logprobs, not the greedy tokens)
+    (dict(temperature=1e-44), r"temperature must be 0 \(greedy\) or >= 1e-05"),
+    (dict(temperature=9e-6), "temperature must be 0"),
 ])
 def test_bad_sampling_params_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

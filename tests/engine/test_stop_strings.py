@@ -519,14 +519,17 @@ def test_stop_strings_without_a_tokenizer_are_refused_before_any_work(qwen2):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-def test_a_stop_token_keeps_the_text_whole_and_names_itself(checkpoint):
+@pytest.mark.parametrize("include", [False, True])
+def test_a_stop_token_keeps_the_text_before_it_and_names_itself(checkpoint, include):
     """With min_tokens, a stop string can appear before the check starts; a sample whose
     token min_tokens + 1 is a stop token stops on that token (checked first, as vLLM):
-    its text is not cut at the earlier stop string and its stop_reason is the token."""
+    its text is not cut at the earlier stop string, it holds every token before the stop
+    token (and the stop token's own text with include_stop_str_in_output, as vLLM), and
+    its stop_reason is the token."""
     path, tok = checkpoint
     m, stop_ids = 8, list(range(20, 70))
     common = dict(n=30, temperature=1.0, seed=4, ignore_eos=True, max_tokens=20,
-                  min_tokens=m, stop_token_ids=stop_ids)
+                  min_tokens=m, stop_token_ids=stop_ids, include_stop_str_in_output=include)
     _, free = generate(path, PROMPTS[:1], SamplingParams(**common))
     on_token = [c for c in free[0].outputs if len(c.token_ids) == m + 1
                 and c.finish_reason == "stop"]
@@ -538,5 +541,38 @@ def test_a_stop_token_keeps_the_text_whole_and_names_itself(checkpoint):
     for fc, gc in zip(free[0].outputs, got[0].outputs, strict=True):
         if fc in on_token:
             assert gc.token_ids == fc.token_ids and gc.stop_reason == fc.token_ids[-1]
-            assert gc.text == decode(tok, fc.token_ids)
+            assert gc.text == fc.text == decode(tok, fc.token_ids[:None if include else -1])
+            assert decode(tok, fc.token_ids[-1:])  # the stop token has text to leave out
     assert got[0].outputs[on_token[0].index].text.find(stop) < len(early)
+
+
+def test_the_tokenizers_eos_ends_samples_when_the_configs_name_none(tmp_path):
+    """A checkpoint whose config.json (and generation_config.json) give no eos_token_id
+    still stops at its tokenizer's EOS (id 2 here), as vLLM does; with stop_reason None,
+    as for any EOS of the model, and no text (it is a special token)."""
+    import json
+    import os
+
+    from tests.helpers import make_checkpoint
+
+    make_checkpoint(tmp_path, "qwen2", seed=5, eos_token_id=None)
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f).get("eos_token_id") is None
+    gen = tmp_path / "generation_config.json"
+    if os.path.exists(gen):
+        assert json.loads(gen.read_text()).get("eos_token_id") is None
+    tok = save_byte_tokenizer(tmp_path)
+    assert tok.eos_token_id == 2
+    engine = Engine(str(tmp_path), page_size=PAGE, max_kv_tokens=256 * PAGE,
+                    debug_integrity=True)
+    assert engine.model_config.eos_token_ids == (2,)
+    out = engine.generate([PROMPTS[0]], SamplingParams(n=64, seed=3, max_tokens=24))
+    ended = [c for c in out[0].outputs if c.token_ids[-1] == 2]
+    assert ended  # the random policy draws it
+    for c in out[0].outputs:
+        assert 2 not in c.token_ids[:-1]
+        assert c.finish_reason == ("stop" if c in ended else "length")
+        assert c.stop_reason is None and c.text == decode(tok, c.token_ids)
+    free = engine.generate([PROMPTS[0]], SamplingParams(n=64, seed=3, max_tokens=24,
+                                                        ignore_eos=True))
+    assert any(2 in c.token_ids[:-1] for c in free[0].outputs)
