@@ -65,9 +65,11 @@ class DataConfig:
                     "file with prompt and answer")
     gym_kwargs: dict = _f({}, "reasoning-gym dataset options (difficulty)")
     size: int = _f(10000, "reasoning-gym: number of training problems generated")
-    eval: str = _f("", "held-out file; empty: split eval_size problems off the training set")
+    eval: str = _f("", "held-out file or gym:<task> (eval_size of them); empty: eval_size "
+                   "problems split off the training set (or more of its gym task)")
     eval_size: int = _f(100, "held-out problems")
-    seed: int = _f(0, "dataset generation and shuffling seed")
+    seed: int = _f(0, "seed of dataset generation and of the held-out split (the "
+                   "training order follows the top-level seed)")
     verifier: str = _f("auto", 'registry name or "module:function"; "auto": reasoning_gym '
                        'for gym data, the row\'s `verifier`, else "math"')
     chat_template: bool = _f(True, "apply the tokenizer's chat template when it has one")

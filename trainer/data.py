@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainer.config import DataConfig
@@ -29,15 +30,13 @@ class Problem:
 def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, held-out eval). Held-out problems never appear in the training set."""
     if cfg.train.startswith(GYM_PREFIX):
-        name = cfg.train[len(GYM_PREFIX):]
-        train = gym_problems(name, cfg.size, cfg.seed, cfg.gym_kwargs, cfg.verifier)
-        held = (file_problems(cfg.eval, cfg.verifier) if cfg.eval else
-                gym_problems(name, cfg.eval_size, cfg.seed + 1_000_003, cfg.gym_kwargs,
-                             cfg.verifier))
+        train = gym_problems(cfg.train[len(GYM_PREFIX):], cfg.size, cfg.seed, cfg.gym_kwargs,
+                             cfg.verifier)
+        held = _held_out(cfg, cfg.eval or cfg.train)
     else:
         rows = file_problems(cfg.train, cfg.verifier)
         if cfg.eval:
-            train, held = rows, file_problems(cfg.eval, cfg.verifier)
+            train, held = rows, _held_out(cfg, cfg.eval)
         else:
             if len(rows) <= cfg.eval_size:
                 raise ValueError(f"{cfg.train} has {len(rows)} rows; need more than "
@@ -45,6 +44,8 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed))
             held = [rows[i] for i in order[:cfg.eval_size].tolist()]
             train = [rows[i] for i in order[cfg.eval_size:].tolist()]
+    if not held:
+        raise ValueError(f"data.eval {cfg.eval!r} holds no problems")
     held_prompts = {p.prompt for p in held}
     train = [p for p in train if p.prompt not in held_prompts]
     if not train:
@@ -54,6 +55,15 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
         # in every sample's scoring, and the run would train on rewards that are all 0
         get_verifier(name)
     return train, held
+
+
+def _held_out(cfg: DataConfig, source: str) -> list[Problem]:
+    """The held-out problems of `source`: a file, or eval_size of a reasoning-gym task
+    drawn with another seed than the training ones."""
+    if source.startswith(GYM_PREFIX):
+        return gym_problems(source[len(GYM_PREFIX):], cfg.eval_size, cfg.seed + 1_000_003,
+                            cfg.gym_kwargs, cfg.verifier)
+    return file_problems(source, cfg.verifier)
 
 
 def gym_problems(name: str, size: int, seed: int, kwargs: dict, verifier: str
@@ -69,7 +79,7 @@ def gym_problems(name: str, size: int, seed: int, kwargs: dict, verifier: str
     for i in range(size):
         entry = ds[i]
         out.append(Problem(entry["question"], str(entry["answer"]), verifier,
-                           {"dataset": name, "entry": _jsonable(entry)}))
+                           {"dataset": name, "entry": _plain(entry)}))
     return out
 
 
@@ -80,7 +90,14 @@ def file_problems(path: str, verifier: str) -> list[Problem]:
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} (row {len(rows)}) is not JSON: {e}"
+                                     ) from e
     elif p.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -93,9 +110,14 @@ def file_problems(path: str, verifier: str) -> list[Problem]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"{path} row {i}: needs a string `prompt`")
+        if row.get("verifier") is not None and not isinstance(row["verifier"], str):
+            raise ValueError(f"{path} row {i}: `verifier` must be a name (a string), got "
+                             f"{row['verifier']!r}")
         name = verifier if verifier != "auto" else row.get("verifier") or "math"
         meta = {k: v for k, v in row.items() if k not in ("prompt", "answer", "verifier")}
         answer = row.get("answer")
+        if answer is None and name == "math":  # else every sample of it scores an error
+            raise ValueError(f"{path} row {i}: the math verifier needs an `answer`")
         out.append(Problem(row["prompt"], None if answer is None else str(answer), name, meta))
     return out
 
@@ -143,12 +165,15 @@ class ProblemStream:
         self._order = self._permutation()
 
 
-def _jsonable(obj):
-    """reasoning-gym entries hold tuples and numpy scalars; keep them picklable + JSON-able."""
+def _plain(obj):
+    """A reasoning-gym entry with numpy scalars as Python ones (plain to pickle for the
+    verifier workers), and otherwise as the dataset made it: tuples stay tuples, since
+    scorers compare with them (arc_agi's parsed board is a tuple of tuples; as lists its
+    gold answer scored 0.05)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {k: _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
         return obj.item()
     return obj

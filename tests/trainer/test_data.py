@@ -27,6 +27,16 @@ def test_gym_dataset_by_name_with_disjoint_held_out_split():
     assert [q.prompt for q in again] == [q.prompt for q in train]  # deterministic by seed
 
 
+def test_a_gym_task_can_be_the_held_out_set_of_a_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _rows(6)))
+    train, held = load_problems(DataConfig(train=str(path), eval="gym:chain_sum",
+                                           eval_size=4))
+    assert len(train) == 6 and len(held) == 4
+    assert {p.verifier for p in held} == {"reasoning_gym"}
+    assert {p.verifier for p in train} == {"math"}
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_file_sources_split_off_a_held_out_set(tmp_path, suffix):
     rows = _rows(30)
@@ -56,6 +66,24 @@ def test_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=".jsonl or .parquet"):
         (tmp_path / "a.csv").write_text("x")
         file_problems(str(tmp_path / "a.csv"), "auto")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(_rows(1)[0]) + "\n\n{\"prompt\": \"x\", \"answer\": 1,\n")
+    with pytest.raises(ValueError, match=r"broken.jsonl line 3 \(row 1\) is not JSON"):
+        file_problems(str(broken), "auto")
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"prompt": "p", "answer": "1", "verifier": 5}))
+    with pytest.raises(ValueError, match="row 0: `verifier` must be a name"):
+        file_problems(str(named), "auto")
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text("\n".join(json.dumps(r) for r in [*_rows(2), {"prompt": "p"}]))
+    with pytest.raises(ValueError, match="row 2: the math verifier needs an `answer`"):
+        file_problems(str(unanswered), "auto")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in _rows(5)))
+    with pytest.raises(ValueError, match="empty.jsonl' holds no problems"):
+        load_problems(DataConfig(train=str(good), eval=str(empty)))
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(json.dumps(r) for r in _rows(5)))
     with pytest.raises(ValueError, match="need more than data.eval_size=10"):

@@ -33,6 +33,9 @@ def math_item(response: str, gold: str) -> VerifyItem:
     ("no answer here", None),
     ("<answer>  </answer>", None),
     ("<answer>unclosed", None),
+    # an earlier unclosed tag is not part of the answer
+    ("I'll write <answer> tags. <answer>42</answer>", "42"),
+    ("<ANSWER>draft <Answer> 7 </answer>", "7"),
 ])
 def test_extract_answer_takes_last_tag_then_last_balanced_boxed(text, expected):
     assert extract_answer(text) == expected
@@ -76,7 +79,7 @@ def chain_sum():
     import reasoning_gym
 
     ds = reasoning_gym.create_dataset("chain_sum", size=3, seed=1)
-    # What trainer.data stores: a JSON-able copy (tuples become lists).
+    # through JSON: a scorer must also take entries whose tuples became lists
     return [json.loads(json.dumps(ds[i])) for i in range(3)]
 
 
@@ -98,6 +101,20 @@ def test_reasoning_gym_scores_with_the_dataset_scorer(chain_sum):
 def test_reasoning_gym_needs_dataset_and_entry():
     with pytest.raises(ValueError, match="dataset"):
         get_verifier("reasoning_gym")(VerifyItem("<answer>1</answer>", "1", "reasoning_gym"))
+
+
+def test_reasoning_gym_scores_the_gold_answer_of_tuple_entries_one():
+    """arc_agi's scorer compares its parsed board, a tuple of tuples, with the entry's:
+    the entry must reach it as the dataset made it (as lists, the gold answer got 0.05)."""
+    from trainer.data import gym_problems
+    from trainer.verifiers.gym import extract_gym_answer
+
+    verify = get_verifier("reasoning_gym")
+    for p in gym_problems("arc_agi", 2, 0, {}, "auto"):
+        assert isinstance(p.metadata["entry"]["metadata"]["output"], tuple)
+        assert verify(VerifyItem(f"<answer>{p.answer}</answer>", p.answer, p.verifier,
+                                 p.metadata)) == 1.0
+    assert extract_gym_answer("a stray <answer> here. <answer>5</answer>") == "5"
 
 
 def test_gym_answer_falls_back_to_the_last_nonempty_line():

@@ -91,7 +91,8 @@ def load_user_verifier(spec: str) -> Verifier:
     return fn
 
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# an answer holds no "<answer>": of "write <answer> tags. <answer>42</answer>" it is "42"
+ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL | re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
