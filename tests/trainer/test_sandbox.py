@@ -73,6 +73,14 @@ def test_code_verifier_rejects_missing_tests():
         get_verifier("code")(code_item("print(1)", None))
 
 
+def test_call_based_tests_are_an_error_not_a_silent_zero():
+    """APPS/TACO's fn_name cases pass arguments, not stdin: run as stdin, a right
+    solution scored 0 with status ok; now the item is an error (counted, logged)."""
+    tests = {"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}
+    with pytest.raises(ValueError, match="fn_name='add'.*not supported"):
+        get_verifier("code")(code_item("def add(a, b):\n    return a + b", tests))
+
+
 def test_program_extraction_prefers_the_last_python_block():
     text = "```python\nold\n```\ntext\n```py\nnew\n```\n```text\nout\n```"
     assert extract_program(text) == "new\n"

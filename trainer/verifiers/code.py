@@ -7,6 +7,7 @@
   ends; each case is its own sandboxed run; or
 - assert-based test code (a string that is not JSON): appended to the program and run once;
   each top-level `assert` counts as one test.
+Call-based cases (APPS/TACO's `fn_name`) are refused as an error, not run as stdin.
 The score is the fraction of tests passed (ProRL); a run that crashes or times out as a
 whole scores 0. `metadata["timeout_s"]` (default 5 s) bounds the total wall time.
 """
@@ -52,6 +53,11 @@ def extract_program(text: str) -> str:
 def io_cases(tests) -> list[tuple[str, str]]:
     """[(stdin, expected stdout)] from a list of {"input", "output"} dicts or from
     {"inputs": [...], "outputs": [...]}. Raises ValueError for anything else or no cases."""
+    if isinstance(tests, dict) and tests.get("fn_name"):
+        # APPS/TACO call-based cases: inputs are a function's arguments, not stdin; run as
+        # stdin a right solution would score 0 without anyone noticing
+        raise ValueError(f"code tests with fn_name={tests['fn_name']!r} (call-based, APPS "
+                         "style) are not supported: give stdin/stdout cases or assert code")
     if isinstance(tests, dict) and "inputs" in tests and "outputs" in tests:
         if len(tests["inputs"]) != len(tests["outputs"]):
             raise ValueError("code tests: 'inputs' and 'outputs' differ in length")
