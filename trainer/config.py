@@ -73,6 +73,9 @@ class DataConfig:
     verifier: str = _f("auto", 'registry name or "module:function"; "auto": reasoning_gym '
                        'for gym data, the row\'s `verifier`, else "math"')
     chat_template: bool = _f(True, "apply the tokenizer's chat template when it has one")
+    system_prompt: str = _f("", 'before each prompt (a system turn with a chat template): '
+                            'the text, or "gym:<name>" for reasoning-gym\'s SYSTEM_PROMPTS '
+                            '(gym:default asks for <answer> tags); empty: none')
 
     def __post_init__(self) -> None:
         _positive(self, "size", "eval_size")

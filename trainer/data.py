@@ -3,6 +3,7 @@ jsonl/parquet files, a held-out split, prompt rendering, and a resumable shuffle
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem]]:
     train = [p for p in train if p.prompt not in held_prompts]
     if not train:
         raise ValueError("no training problems left after removing the held-out ones")
+    system_prompt(cfg.system_prompt)  # an unknown gym:<name> fails here, before any work
     for name in sorted({p.verifier for p in train + held}):
         # an unknown name or a "module:function" that does not import would otherwise fail
         # in every sample's scoring, and the run would train on rewards that are all 0
@@ -122,16 +124,35 @@ def file_problems(path: str, verifier: str) -> list[Problem]:
     return out
 
 
-def render_prompt(problem: Problem, tokenizer, chat_template: bool = True) -> list[int]:
-    """Token ids of the prompt: through the tokenizer's chat template (as a user turn, with
-    the generation prompt) when it has one and `chat_template`, else the plain text."""
+def render_prompt(problem: Problem, tokenizer, chat_template: bool = True,
+                  system: str = "") -> list[int]:
+    """Token ids of the prompt: through the tokenizer's chat template (as a user turn, after
+    a system turn when `system` is set, with the generation prompt) when it has one and
+    `chat_template`, else the plain text (after `system` and a blank line)."""
     if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}],
-                                            add_generation_prompt=True, tokenize=True)
+        turns = [{"role": "user", "content": problem.prompt}]
+        if system:
+            turns.insert(0, {"role": "system", "content": system})
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
-    return list(tokenizer(problem.prompt)["input_ids"])
+    text = f"{system.rstrip()}\n\n{problem.prompt}" if system else problem.prompt
+    return list(tokenizer(text)["input_ids"])
+
+
+@functools.cache
+def system_prompt(spec: str) -> str:
+    """data.system_prompt as text: "gym:<name>" is reasoning-gym's SYSTEM_PROMPTS[name]."""
+    if not spec.startswith(GYM_PREFIX):
+        return spec
+    from reasoning_gym.utils import SYSTEM_PROMPTS
+
+    name = spec[len(GYM_PREFIX):]
+    if name not in SYSTEM_PROMPTS:
+        raise ValueError(f"data.system_prompt {spec!r}: reasoning-gym has no system prompt "
+                         f"{name!r}; it has {', '.join(sorted(SYSTEM_PROMPTS))}")
+    return SYSTEM_PROMPTS[name]
 
 
 class ProblemStream:

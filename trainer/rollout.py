@@ -16,7 +16,7 @@ from engine import SamplingParams
 from trainer.algorithms import group_keep_mask, predicted_keep_rate
 from trainer.config import TrainConfig
 from trainer.coverage import unsampled_mass
-from trainer.data import Problem, ProblemStream, render_prompt
+from trainer.data import Problem, ProblemStream, render_prompt, system_prompt
 from trainer.verifiers import VerifyItem
 
 log = logging.getLogger("brorl")
@@ -55,7 +55,9 @@ def generate_groups(engine, problems: list[Problem], cfg: TrainConfig, seeds: li
     """N samples for each problem, scored; `sampling` holds the SamplingParams but the
     seed (e.g. `cfg.rollout.sampling`), seeds one per problem. Truncated responses get
     algorithm.truncated_reward (when set)."""
-    prompts = [render_prompt(p, engine.tokenizer, cfg.data.chat_template) for p in problems]
+    system = system_prompt(cfg.data.system_prompt)
+    prompts = [render_prompt(p, engine.tokenizer, cfg.data.chat_template, system)
+               for p in problems]
     params = [SamplingParams(**sampling, seed=s) for s in seeds]
     outs = engine.generate(prompts, params, use_tqdm=progress)
     items = [VerifyItem(c.text or "", p.answer, p.verifier, p.metadata)

@@ -131,3 +131,21 @@ def test_render_prompt_uses_the_chat_template_when_present():
     templated = render_prompt(p, tok)
     assert tok.decode(templated) == "<user>hello world<assistant>"
     assert render_prompt(p, tok, chat_template=False) == plain
+
+
+def test_a_system_prompt_comes_first_as_a_system_turn_or_text():
+    from trainer.data import system_prompt
+    from trainer.demo import build_tokenizer
+
+    tok = build_tokenizer(["hello world", "be brief\n\n", "<user><assistant><system>"])
+    p = Problem("hello world", None, "math")
+    assert tok.decode(render_prompt(p, tok, system="be brief")) == "be brief\n\nhello world"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert (tok.decode(render_prompt(p, tok, system="be brief"))
+            == "<system>be brief<user>hello world<assistant>")
+    assert "<answer>answer here</answer>" in system_prompt("gym:default")
+    assert system_prompt("plain words") == "plain words" and system_prompt("") == ""
+    with pytest.raises(ValueError, match="no system prompt 'nope'; it has .*default"):
+        load_problems(DataConfig(train="gym:chain_sum", size=8, eval_size=2,
+                                 system_prompt="gym:nope"))
