@@ -113,11 +113,20 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
         if ckpt is None:
             claim_run_dir(run_dir, cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            # saved without overwrite: a run's config reused as a template must not delete
-            # that run
-            saved = to_dict(dataclasses.replace(cfg, overwrite=False))
-            (run_dir / RUN_CONFIG).write_text(yaml.safe_dump(saved, sort_keys=False))
+        # saved without overwrite: a run's config reused as a template must not delete
+        # that run
+        saved = to_dict(dataclasses.replace(cfg, overwrite=False))
+        config_file = run_dir / RUN_CONFIG
+        if ckpt is not None and config_file.is_file():
+            # a resume with overrides (steps=20) runs them: so must the next resume
+            changed = _changed_keys(yaml.safe_load(config_file.read_text()), saved)
+            if changed:
+                log.warning("resuming with a changed config (%s); %s now holds it",
+                            ", ".join(changed), config_file)
+            else:
+                config_file = None
+        if config_file is not None:
+            config_file.write_text(yaml.safe_dump(saved, sort_keys=False))
         return ckpt, (str(ckpt) if ckpt else _initial_policy(cfg))  # e.g. the demo policy
 
     # only rank 0 touches the filesystem; the other ranks get what they need from it
@@ -269,6 +278,18 @@ def _console(step: int, steps: int, m: dict) -> None:
              m["rollout/predicted_pass_rate_n16"],
              "" if n16 is None else f", first 16 samples {n16:.2f}", m["rollout/samples_per_s"],
              f"{m['train/loss']:.4f}" if "train/loss" in m else "-", m["step_seconds"])
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for k in dict.fromkeys([*old, *new]):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and a and b:
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def check_inputs(cfg: TrainConfig) -> None:

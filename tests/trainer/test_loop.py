@@ -93,6 +93,26 @@ def test_a_reference_reset_without_kl_is_warned_about(tiny_policy, tmp_path, cap
     assert "does nothing" not in caplog.text
 
 
+def test_a_resume_with_overrides_saves_them_for_the_next_resume(tiny_policy, tmp_path,
+                                                                caplog):
+    """brorl train --resume RUN steps=3 runs to step 3 and config.yaml says so: a later
+    plain --resume (which reads config.yaml) must not fall back to the first steps=2."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_policy, out, steps=2))
+    first = (out / "config.yaml").read_text()
+    train(_cfg(tiny_policy, out, steps=2), resume=str(out))  # nothing changed
+    assert (out / "config.yaml").read_text() == first and "changed config" not in caplog.text
+    train(_cfg(tiny_policy, out, steps=3), resume=str(out))
+    assert "resuming with a changed config (steps)" in caplog.text
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in rows) == 3
+
+
 def _comparable(rows):
     return [{k: v for k, v in r.items() if not any(t in k for t in _TIME_KEYS)} for r in rows]
 
