@@ -41,8 +41,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     reference (trainer/parallel.py), written instead of the modules' own."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step-*"):  # a save killed midway: a whole model each
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:06d}-", dir=root))
+    # mkdtemp's 0700 would survive the rename: readable as the run directory is instead
+    os.chmod(tmp, root.stat().st_mode & 0o777)
     try:
         model.save_pretrained(tmp, state_dict=model_state)
         if tokenizer is not None:
@@ -51,9 +55,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
             torch.save(ref_state if ref_state is not None else ref_model.state_dict(),
                        tmp / "reference.pt")
         torch.save({**state, "step": step}, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # aside first, so a kill never leaves this step with none
+            aside = tmp.with_name(tmp.name + "-old")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
