@@ -191,13 +191,13 @@ def train_step(run: Run) -> dict:
                                      run.pad_id, run.ref_model, gen, run.dp))
     elif run.dp.is_main:
         log.warning("step %d: every group had equal rewards; no update", step)
-    metrics.update(sync_weights(run, step))
-    a = cfg.algorithm
+    a = cfg.algorithm  # before the sync: a checkpoint of a failed sync holds the reset
     if a.ref_reset_every and run.ref_model is not None and step % a.ref_reset_every == 0:
         run.ref_model.load_state_dict(run.model.state_dict())
         if a.reset_optimizer_on_ref_reset:
             run.optimizer.state.clear()
         metrics["train/ref_reset"] = 1
+    metrics.update(sync_weights(run, step, metrics, start))
     run.step = step
     run.elapsed_s += time.perf_counter() - start
     metrics["elapsed_s"] = run.elapsed_s
@@ -222,11 +222,13 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
                   merge_identical_samples=r.merge_identical_samples)
 
 
-def sync_weights(run: Run, step: int) -> dict:
+def sync_weights(run: Run, step: int, metrics: dict | None = None,
+                 start: float | None = None) -> dict:
     """Sends the trainer's weights to the engine(s) as policy version `step`; with
     rollout.weight_sync_probe also compares logits on a fixed prompt. If a rollout worker
-    is lost mid-sync, the trainer's state is checkpointed (by every trainer rank) before
-    the error propagates."""
+    is lost mid-sync, the step's `metrics` (begun at `start`) are logged with
+    weight_sync/failed = 1 and the trainer's state is checkpointed (by every trainer rank)
+    before the error propagates: a resume goes on from the next step with nothing lost."""
     t0 = time.perf_counter()
     named = full_state(run.model, run.dp)  # collective when sharded; empty off rank 0
     try:
@@ -239,6 +241,11 @@ def sync_weights(run: Run, step: int) -> dict:
         if not sync_failed:
             raise
         run.step = step
+        if start is not None:
+            run.elapsed_s += time.perf_counter() - start
+        if metrics is not None and run.dp.is_main:
+            run.metrics.log(step, {**metrics, "weight_sync/failed": 1,
+                                   "elapsed_s": run.elapsed_s})
         save_run(run)  # every rank joins its gathers
         if isinstance(err, MainRankError):
             raise WeightSyncError(f"trainer rank 0 could not sync the weights: {err}") from err

@@ -278,6 +278,13 @@ def test_a_refused_sync_checkpoints_on_every_rank_then_stops_both(tiny_policy, t
     assert "lm_head.weight" in e1  # rank 0's reason reaches rank 1
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-000001"]
+    # the step's training metrics are logged with the failure, so a resume (from step 2)
+    # leaves no hole in metrics.jsonl
+    from trainer.metrics import read_metrics
+
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[1]["weight_sync/failed"] == 1 and rows[1]["train/grad_norm"] > 0
 
 
 def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
