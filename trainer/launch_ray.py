@@ -118,6 +118,10 @@ class RolloutWorker:
         self.engine = local_engine(path, cfg)
         self.receiver = None
 
+    def ready(self) -> bool:
+        """Returns once the engine is built (a constructor's error raises at its caller)."""
+        return True
+
     def join(self, transport: str, host: str, port: int, rank: int, world_size: int,
              timeout_s: float, shared_memory: bool = True) -> None:
         from trainer.weight_sync import make_receiver
@@ -164,6 +168,9 @@ class RayEngines:
             num_cpus=rc.cpus_per_actor, num_gpus=rc.gpus_per_worker if on_gpu else 0)
         self.workers = [worker.remote(path, cfg, rc.cpus_per_actor)
                         for _ in range(rc.num_workers)]
+        # a worker that cannot start (its model, its KV pool) raises its own error here,
+        # not a weight-sync timeout after weight_sync_timeout_s; nor does loading count in it
+        ray.get([w.ready.remote() for w in self.workers])
         host = ray.util.get_node_ip_address()
         port = free_port(host)
         world = rc.num_workers + 1

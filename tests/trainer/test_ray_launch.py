@@ -183,3 +183,48 @@ def test_a_failed_sync_keeps_the_version_and_asks_every_worker():
     eng.sender = types.SimpleNamespace(send=lambda named, version: {"bytes": 0})
     eng.update_weights([])
     assert eng.policy_version == 4 and eng.last_sync == {"bytes": 0}
+
+
+def test_a_worker_that_cannot_start_raises_its_error_before_the_sync_group(monkeypatch):
+    """A worker whose engine cannot be built (say, its KV pool does not fit) used to show
+    as a weight-sync timeout: the sender waited weight_sync_timeout_s for it to join. Now
+    its own error comes first, before the group is formed. Ray is faked: actors run
+    in-process, a constructor's error raising when a method's result is fetched."""
+    import sys
+
+    from trainer import launch_ray, weight_sync
+    from trainer.config_load import load_config
+
+    class Handle:
+        def __init__(self, cls, args):
+            self.cls, self.args, self.obj = cls, args, None
+
+        def __getattr__(self, name):
+            def call(*a, **kw):
+                def run():
+                    self.obj = self.obj or self.cls(*self.args)
+                    return getattr(self.obj, name)(*a, **kw)
+                return run
+            return types.SimpleNamespace(remote=call)
+
+    def remote(cls):
+        return types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(
+            remote=lambda *args: Handle(cls, args)))
+
+    fake = types.SimpleNamespace(remote=remote, get=lambda refs: [r() for r in refs],
+                                 util=types.SimpleNamespace(
+                                     get_node_ip_address=lambda: "127.0.0.1"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+
+    class NoRoom:
+        def __init__(self, path, cfg, num_threads):
+            raise ValueError("not enough free memory for one KV page (4096 bytes)")
+
+    def sender(*a, **kw):
+        raise AssertionError("the sync group was formed before the workers were up")
+
+    monkeypatch.setattr(launch_ray, "RolloutWorker", NoRoom)
+    monkeypatch.setattr(weight_sync, "make_sender", sender)
+    cfg = load_config(None, ["launcher=ray", "ray.num_workers=2"])
+    with pytest.raises(ValueError, match="one KV page"):
+        launch_ray.RayEngines("unused", cfg)
