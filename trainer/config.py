@@ -134,6 +134,9 @@ class RolloutConfig:
                              "and a group of one has advantage 0")
         if self.coverage_groups < 0:
             raise ValueError("rollout.coverage_groups must be >= 0 (0: off)")
+        if self.max_kv_tokens is not None and self.max_kv_tokens < self.page_size:
+            raise ValueError(f"rollout.max_kv_tokens={self.max_kv_tokens} must hold at least "
+                             f"one page of rollout.page_size={self.page_size} tokens")
         if self.max_prompts_per_step < self.prompts_per_step:
             raise ValueError("rollout.max_prompts_per_step must be >= rollout.prompts_per_step")
         if self.temperature <= 0:

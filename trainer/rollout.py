@@ -51,15 +51,20 @@ def sample_seed(run_seed: int, step: int, draw: int, index: int) -> int:
 
 
 def generate_groups(engine, problems: list[Problem], cfg: TrainConfig, seeds: list[int],
-                    pool, sampling: dict, progress: bool = False) -> list[Group]:
+                    pool, sampling: dict, progress: bool = False,
+                    timings: dict | None = None) -> list[Group]:
     """N samples for each problem, scored; `sampling` holds the SamplingParams but the
     seed (e.g. `cfg.rollout.sampling`), seeds one per problem. Truncated responses get
-    algorithm.truncated_reward (when set)."""
+    algorithm.truncated_reward (when set). `timings["generate_s"]` accumulates the time
+    in the engine (not in the verifiers)."""
     system = system_prompt(cfg.data.system_prompt)
     prompts = [render_prompt(p, engine.tokenizer, cfg.data.chat_template, system)
                for p in problems]
     params = [SamplingParams(**sampling, seed=s) for s in seeds]
+    t0 = time.perf_counter()
     outs = engine.generate(prompts, params, use_tqdm=progress)
+    if timings is not None:
+        timings["generate_s"] = timings.get("generate_s", 0.0) + time.perf_counter() - t0
     items = [VerifyItem(c.text or "", p.answer, p.verifier, p.metadata)
              for p, o in zip(problems, outs) for c in o.outputs]
     results = pool.score(items)
@@ -94,6 +99,7 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
     kept, generated, draw = [], [], 0
     before = dict(pool.stats)
     engine_before = _engine_counts(engine)
+    timings: dict = {}
     start = time.perf_counter()
     while len(kept) < r.prompts_per_step and len(generated) < r.max_prompts_per_step:
         need = r.prompts_per_step - len(kept)
@@ -103,7 +109,8 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
         k = min(need, r.max_prompts_per_step - len(generated))
         problems = stream.take(k)
         seeds = [sample_seed(cfg.seed, step, draw, i) for i in range(k)]
-        groups = generate_groups(engine, problems, cfg, seeds, pool, r.sampling, cfg.progress)
+        groups = generate_groups(engine, problems, cfg, seeds, pool, r.sampling, cfg.progress,
+                                 timings)
         generated += groups
         keep = (group_keep_mask(torch.stack([g.rewards for g in groups]))
                 if r.dynamic_sampling else torch.ones(len(groups), dtype=torch.bool))
@@ -113,6 +120,11 @@ def collect_rollouts(engine, stream: ProblemStream, pool, cfg: TrainConfig, step
             break
     seconds = time.perf_counter() - start
     metrics = rollout_metrics(generated, kept, seconds)  # pass rate: of all that passed
+    generate_s = timings.get("generate_s", 0.0)
+    if generate_s > 0:  # BroRL's samples/s: generation alone, without the verifiers
+        metrics["rollout/generate_seconds"] = generate_s
+        metrics["rollout/generate_samples_per_s"] = (
+            sum(g.rewards.numel() for g in generated) / generate_s)
     if r.oversample:
         metrics["rollout/groups_dropped"] = max(0, len(kept) - r.prompts_per_step)
         kept = kept[:r.prompts_per_step]

@@ -56,6 +56,8 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("algorithm.eps_high=-0.1", "eps_high must be >= 0"),
     ("algorithm.dual_clip=0.5", "dual_clip must be > 1"),
     ("algorithm.kl_clamp=-1", "kl_clamp must be > 0"), ("algorithm.kl_coef=-0.1", "kl_coef"),
+    # else each engine (a Ray worker's too) fails when it is built
+    ("rollout.max_kv_tokens=8", "max_kv_tokens=8 must hold at least one page of "),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -57,6 +57,9 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
             m = train_step(run)
             assert m["rollout/groups_kept"] >= 1
             assert 0 < m["rollout/decode_rows_fraction"] <= 1
+            # generation alone (BroRL's samples/s) against the whole rollout with scoring
+            assert 0 < m["rollout/generate_seconds"] <= m["rollout/seconds"]
+            assert m["rollout/generate_samples_per_s"] >= m["rollout/samples_per_s"] > 0
             # n=8: each prompt is computed once for its 8 samples (the group fork)
             assert 1 - 1 / 8 <= m["rollout/prefix_cache_hit_rate"] < 1
             assert 0 < m["rollout/unsampled_mass"] < 1  # n=8 (no _n16 figures below 17)
