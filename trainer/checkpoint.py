@@ -55,6 +55,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
             torch.save(ref_state if ref_state is not None else ref_model.state_dict(),
                        tmp / "reference.pt")
         torch.save({**state, "step": step}, tmp / STATE_FILE)
+        _fsync_tree(tmp)  # on disk before the rename, and before older ones are pruned
         if final.exists():  # aside first, so a kill never leaves this step with none
             aside = tmp.with_name(tmp.name + "-old")
             os.replace(final, aside)
@@ -65,9 +66,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, state: dic
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync(root)  # the rename itself
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under root and root itself flushed to disk: after a power loss or a
+    kernel crash (not only a killed process) the newest checkpoint is whole."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    _fsync(root)
 
 
 def load_state(ckpt: Path) -> dict:
