@@ -118,5 +118,10 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
             raise ValueError(f"overwrite=true would delete {value}, which this run reads; "
                              "copy it out of the old run first")
     log.warning("overwrite=true: deleting the run in %s", run_dir)
-    for p in held:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    from trainer.plot import DEFAULT_FILE
+
+    for p in [*held, run_dir / DEFAULT_FILE]:  # the old run's curves too, if plotted
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()

@@ -166,7 +166,9 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_polic
         train(_cfg(str(out / "checkpoints" / "step-000001"), out, steps=1, overwrite="true"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
     (out / "checkpoints" / "step-000009").mkdir()  # a stale checkpoint the new run must drop
+    (out / "curves.png").write_bytes(b"the old run's curves")
     train(_cfg(tiny_policy, out, steps=1, overwrite="true"))
+    assert not (out / "curves.png").exists()
     assert [r["step"] for r in read_metrics(out)] == [0, 1]  # not appended to the old run's
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]
     # its saved config, reused as a template, does not delete this run
