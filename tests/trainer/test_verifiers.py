@@ -114,7 +114,11 @@ def test_reasoning_gym_scores_the_gold_answer_of_tuple_entries_one():
         assert isinstance(p.metadata["entry"]["metadata"]["output"], tuple)
         assert verify(VerifyItem(f"<answer>{p.answer}</answer>", p.answer, p.verifier,
                                  p.metadata)) == 1.0
-    assert extract_gym_answer("a stray <answer> here. <answer>5</answer>") == "5"
+    from reasoning_gym.utils import extract_answer as upstream
+
+    for text in ("a stray <answer> here. <answer>5</answer>", "<answer>1</answer> <answer>2",
+                 "x <answer> 7 </answer>"):  # tags read as reasoning-gym reads them
+        assert extract_gym_answer(text) == upstream(text)
 
 
 def test_gym_answer_falls_back_to_the_last_nonempty_line():

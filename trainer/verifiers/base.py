@@ -91,17 +91,19 @@ def load_user_verifier(spec: str) -> Verifier:
     return fn
 
 
-# an answer holds no "<answer>": of "write <answer> tags. <answer>42</answer>" it is "42"
-ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL | re.IGNORECASE)
+# from an <answer> to the first </answer> after it, as reasoning-gym's extract_answer
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+_OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def extract_answer(text: str) -> str | None:
-    """The stripped content of the last `<answer>...</answer>`, else of the last balanced
+    """The stripped content of the last `<answer>...</answer>` (after its last `<answer>`:
+    of "I'll write <answer> tags. <answer>42</answer>" it is 42), else of the last balanced
     `\\boxed{...}` (or `\\fbox{...}`), else None. An empty answer counts as none."""
     tags = ANSWER_TAG.findall(text)
     if tags:
-        content = tags[-1].strip()
+        content = _OPEN_TAG.split(tags[-1])[-1].strip()
         return content or None
     return last_boxed(text)
 

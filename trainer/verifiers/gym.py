@@ -25,7 +25,9 @@ def verify_reasoning_gym(item: VerifyItem) -> float:
 
 def extract_gym_answer(text: str) -> str | None:
     """The content of the last `<answer>...</answer>` (reasoning-gym's own prompt format),
-    else the last non-empty line, stripped; None for an empty response."""
+    read as reasoning-gym's extract_answer reads it (a stray earlier `<answer>` stays in
+    it, and scores as the dataset scores it), else the last non-empty line, stripped; None
+    for an empty response."""
     tags = ANSWER_TAG.findall(text)
     if tags:
         return tags[-1].strip()
