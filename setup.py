@@ -57,8 +57,12 @@ def get_extensions() -> list:
         print("brorl: pybind11 is not installed; skipping the C++ extensions", file=sys.stderr)
         return []
     exts = []
-    # GCC prefers 256-bit vectors on AVX-512 CPUs; the attention tiles are written for 512
-    cxx = (["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
+    # GCC prefers 256-bit vectors on AVX-512 CPUs; the attention tiles are written for 512.
+    # -march=native tunes the build to this CPU: a tree copied to an older one (Ray workers
+    # on other machines) dies there with SIGILL; BRORL_MARCH=x86-64-v3 (say) builds for all
+    # AVX2 machines instead.
+    march = os.environ.get("BRORL_MARCH", "native")
+    cxx = (["-O3", f"-march={march}", "-mprefer-vector-width=512", "-fopenmp"]
            if sys.platform.startswith("linux") else ["-O3"])
     link = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if _sources("cache"):

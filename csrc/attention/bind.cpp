@@ -2,7 +2,7 @@
 // arrays (torch tensors via .numpy(), zero-copy; bfloat16 KV as its int16/uint16 bits),
 // checks every input, and raises ValueError (std::invalid_argument) or IndexError
 // (std::out_of_range) instead of reading out of bounds. The GIL is released while the
-// OpenMP kernels run.
+// OpenMP kernels run, on copies of the index tables checked while it was held.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -48,13 +48,21 @@ void check_array(const py::array& a, const char* name, py::ssize_t ndim, char ki
   if (!(a.flags() & py::array::c_style)) bad(std::string(name) + " must be C-contiguous");
 }
 
+// Index tables and lengths are copied (into `copy`) while the GIL is held and checked on
+// the copy, which the kernels then read: another Python thread may change the caller's
+// array once the GIL is released, and a page id changed after its check would be read out
+// of bounds. They are small beside the KV.
+
 // An int64 [rows, *] table whose entries lie in [lo, hi) (IndexError otherwise).
-Table index_table(const py::array& a, const char* name, int64_t rows, int64_t lo, int64_t hi) {
+Table index_table(const py::array& a, const char* name, int64_t rows, int64_t lo, int64_t hi,
+                  std::vector<int64_t>& copy) {
   check_array(a, name, 2, 'i', 8, "int64");
   if (a.shape(0) != rows)
     bad(std::string(name) + " must have " + std::to_string(rows) + " rows, got shape " +
         shape_of(a));
-  Table t{static_cast<const int64_t*>(a.data()), a.shape(0), a.shape(1)};
+  const auto* src = static_cast<const int64_t*>(a.data());
+  copy.assign(src, src + a.shape(0) * a.shape(1));
+  Table t{copy.data(), a.shape(0), a.shape(1)};
   for (int64_t i = 0; i < t.rows * t.cols; ++i)
     if (t.data[i] < lo || t.data[i] >= hi)
       throw std::out_of_range(std::string(name) + " holds " + std::to_string(t.data[i]) +
@@ -64,12 +72,15 @@ Table index_table(const py::array& a, const char* name, int64_t rows, int64_t lo
 }
 
 // int64 [n] lengths, each in [0, max_len].
-const int64_t* lengths(const py::array& a, const char* name, int64_t n, int64_t max_len) {
+const int64_t* lengths(const py::array& a, const char* name, int64_t n, int64_t max_len,
+                       std::vector<int64_t>& copy) {
   check_array(a, name, 1, 'i', 8, "int64");
   if (a.shape(0) != n)
     bad(std::string(name) + " must have " + std::to_string(n) + " entries, got shape " +
         shape_of(a));
-  const auto* p = static_cast<const int64_t*>(a.data());
+  const auto* src = static_cast<const int64_t*>(a.data());
+  copy.assign(src, src + n);
+  const int64_t* p = copy.data();
   for (int64_t i = 0; i < n; ++i)
     if (p[i] < 0 || p[i] > max_len)
       bad(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(p[i]) +
@@ -105,8 +116,10 @@ Inputs check_qkv(const py::array& q, const py::array& k, const py::array& v) {
 py::tuple paged_decode(const py::array& q, const py::array& k, const py::array& v,
                        const py::array& page_table, const py::array& seq_lens, float scale) {
   const Inputs in = check_qkv(q, k, v);
-  const Table pt = index_table(page_table, "page_table", in.batch, 0, in.kv.num_pages);
-  const int64_t* lens = lengths(seq_lens, "seq_lens", in.batch, pt.cols * in.kv.page_size);
+  std::vector<int64_t> pt_copy, lens_copy;
+  const Table pt = index_table(page_table, "page_table", in.batch, 0, in.kv.num_pages, pt_copy);
+  const int64_t* lens = lengths(seq_lens, "seq_lens", in.batch, pt.cols * in.kv.page_size,
+                                lens_copy);
   py::array_t<float> out({in.batch, in.heads, in.kv.head_dim});
   py::array_t<float> lse({in.batch, in.heads});
   const auto* qp = static_cast<const float*>(q.data());
@@ -132,17 +145,23 @@ py::array_t<float> cascade_decode(const py::array& q, const py::array& k, const 
   const Inputs in = check_qkv(q, k, v);
   check_array(group_rows, "group_rows", 2, 'i', 8, "int64");
   const int64_t groups = group_rows.shape(0);
-  const Table gr = index_table(group_rows, "group_rows", groups, -1, in.batch);
+  std::vector<int64_t> gr_copy, pp_copy, pl_copy, sp_copy, sl_copy;
+  const Table gr = index_table(group_rows, "group_rows", groups, -1, in.batch, gr_copy);
   std::vector<char> seen(in.batch, 0);
   for (int64_t i = 0; i < gr.rows * gr.cols; ++i) {
     if (gr.data[i] < 0) continue;
     if (seen[gr.data[i]]++) bad("row " + std::to_string(gr.data[i]) + " is in group_rows twice");
   }
-  const Table pp = index_table(prefix_pages, "prefix_pages", groups, 0, in.kv.num_pages);
-  const int64_t* pl = lengths(prefix_lens, "prefix_lens", groups, pp.cols * in.kv.page_size);
-  const Table sp = index_table(suffix_pages, "suffix_pages", in.batch, 0, in.kv.num_pages);
-  const int64_t* sl = lengths(suffix_lens, "suffix_lens", in.batch, sp.cols * in.kv.page_size);
+  const Table pp = index_table(prefix_pages, "prefix_pages", groups, 0, in.kv.num_pages,
+                               pp_copy);
+  const int64_t* pl = lengths(prefix_lens, "prefix_lens", groups, pp.cols * in.kv.page_size,
+                              pl_copy);
+  const Table sp = index_table(suffix_pages, "suffix_pages", in.batch, 0, in.kv.num_pages,
+                               sp_copy);
+  const int64_t* sl = lengths(suffix_lens, "suffix_lens", in.batch, sp.cols * in.kv.page_size,
+                              sl_copy);
   py::array_t<float> out({in.batch, in.heads, in.kv.head_dim});
+  if (in.heads == 0) return out;  // nothing to compute (and no query heads per KV head)
   const auto* qp = static_cast<const float*>(q.data());
   float* op = out.mutable_data();
   {

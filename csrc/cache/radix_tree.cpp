@@ -143,7 +143,7 @@ std::pair<std::vector<int32_t>, uint64_t> RadixTree::match_prefix(
 std::pair<std::vector<int32_t>, uint64_t> RadixTree::insert(const std::vector<int64_t>& ids,
                                                             const std::vector<int64_t>& pages) {
   const size_t ps = static_cast<size_t>(page_size_);
-  if (ids.size() != pages.size() * ps) {
+  if (ids.size() % ps != 0 || ids.size() / ps != pages.size()) {  // no pages * ps: it wraps
     throw std::invalid_argument("insert needs whole pages: " + std::to_string(ids.size()) +
                                 " tokens, " + std::to_string(pages.size()) + " pages of " +
                                 std::to_string(ps));

@@ -308,3 +308,11 @@ def test_token_ids_may_be_any_int_sequence_like_in_python():
         assert cache.match_prefix(ids)[0] == (pages if ids[2] == 6 else pages[:1])
     with pytest.raises(TypeError, match="item 1 is float"):
         cache.match_prefix([4, 5.0])
+
+
+def test_a_huge_page_size_cannot_wrap_the_whole_pages_check():
+    # 4 pages x 2**62 tokens wrapped to 0 in size_t: an empty insert passed and crashed
+    alloc = CppPageAllocator(8)
+    cache = CppRadixCache(2**62, alloc)
+    with pytest.raises(ValueError, match="whole pages"):
+        cache.insert([], alloc.alloc(4))

@@ -184,3 +184,63 @@ def test_extension_rejects_non_contiguous_and_wrong_ndim(paged_args):
         ext.paged_decode(q, kc[0], vc, pt, lens, 0.5)
     with pytest.raises(ValueError, match="int64"):
         ext.paged_decode(q, kc, vc, pt.astype(np.int32), lens, 0.5)
+
+
+def _survives(code: str) -> None:
+    """Runs code in a fresh interpreter: a crash there (a signal) fails this test instead
+    of killing the test run."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip().endswith("ok"), done.stdout
+
+
+def test_cascade_with_no_query_heads_returns_an_empty_output():
+    # 0 heads per KV head was a division by zero (SIGFPE); the reference returns [2, 0, 8]
+    _survives("""
+import torch
+from kernels.decode_attention import cascade_decode_ref
+from kernels.decode_attention_cpp import cascade_decode_cpp
+q, k = torch.zeros(2, 0, 8), torch.zeros(4, 2, 1, 8)
+args = (q, k, k, torch.tensor([[0, 1]]), torch.zeros(1, 1, dtype=torch.long),
+        torch.tensor([2]), torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]))
+got = cascade_decode_cpp(*args, 1.0)
+assert got.shape == cascade_decode_ref(*args, 1.0).shape == (2, 0, 8)
+print("ok")
+""")
+
+
+def test_a_page_table_changed_by_another_thread_is_never_read_out_of_bounds():
+    """The GIL is released while the kernel runs: it reads a copy of the tables, checked
+    while the GIL was held, so a thread writing a page id outside the pool mid-call gives
+    an IndexError or a result, never a read outside the pool (SIGSEGV before)."""
+    _survives("""
+import threading
+import numpy as np
+from kernels import _attention_ext as E
+B, H, D, ps, P = 64, 8, 64, 16, 64
+k = np.random.randn(B * P + 1, ps, 1, D).astype(np.float32)
+q = np.random.randn(B, H, D).astype(np.float32)
+pt = np.arange(B * P, dtype=np.int64).reshape(B, P)
+lens = np.full(B, P * ps, np.int64)
+stop = False
+def flip():
+    while not stop:
+        pt[B - 1, P - 1] = 1 << 40
+        pt[B - 1, P - 1] = B * P - 1
+t = threading.Thread(target=flip)
+t.start()
+try:
+    for _ in range(200):
+        try:
+            E.paged_decode(q, k, k, pt, lens, 0.1)
+        except IndexError:
+            pass
+finally:
+    stop = True
+    t.join()
+print("ok")
+""")
