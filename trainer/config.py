@@ -4,6 +4,7 @@ values when built. `trainer/config_load.py` fills it from a YAML file plus
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -49,6 +50,13 @@ class ModelConfig:
     path: str = _f("demo", 'HF checkpoint directory, or "demo" to build the demo policy')
     device: str = _f("auto", '"auto" (cuda when present), "cpu" or "cuda"')
     dtype: str = _f("float32", "engine dtype; the trainer keeps float32 master weights")
+
+    def __post_init__(self) -> None:
+        # here, not after the demo's warm start or the policy's loading
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f'model.device must be "auto", "cpu", "cuda" or "cuda:N", got '
+                             f"{self.device!r}")
+        _choice(self, "dtype", ("float32", "float16", "bfloat16"))
 
     @property
     def resolved_device(self) -> str:
@@ -96,9 +104,9 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(-1, "top-k (-1: off)")
     max_tokens: int = _f(64, "response length cap; truncated responses score 0")
-    stop: list | None = _f(None, "stop strings (e.g. ['</answer>']): a response ends at the "
-                           "token that completes one; the verifier sees its text up to and "
-                           "including the stop string")
+    stop: list | str | None = _f(None, "stop string(s) (e.g. </answer>): a response ends at "
+                                 "the token that completes one; the verifier sees its text "
+                                 "up to and including the stop string")
     coverage_groups: int = _f(8, "groups per step (the first generated) whose next-token "
                               "mass no sample tried is logged (rollout/unsampled_mass*; "
                               "0: off; the cost grows with distinct samples x the longest "
@@ -205,7 +213,7 @@ class AlgorithmConfig:
         from trainer.algorithms import ESTIMATORS
 
         _choice(self, "advantage", tuple(sorted(ESTIMATORS)))
-        name = type(self).__name__
+        name = "algorithm"
         if not 0.0 <= self.eps_low < 1.0:
             raise ValueError(f"{name}.eps_low must be in [0, 1), got {self.eps_low}")
         if self.eps_high < 0.0:
@@ -259,7 +267,8 @@ class EvalConfig:
     temperature: float = _f(0.6, "evaluation temperature (BroRL: 0.6)")
     top_p: float = _f(0.95, "evaluation nucleus sampling (BroRL: 0.95)")
     max_tokens: int = _f(64, "evaluation response cap")
-    stop: list | None = _f(None, "stop strings of evaluation responses (as rollout.stop)")
+    stop: list | str | None = _f(None, "stop string(s) of evaluation responses (as "
+                                 "rollout.stop)")
     greedy: bool = _f(True, "also score one greedy answer per problem (eval/greedy)")
 
     def __post_init__(self) -> None:
@@ -336,6 +345,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "checkpoint_every", "keep_checkpoints")
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir is empty: name the run directory (the run would "
+                             "write into the current one)")
         _choice(self, "launcher", ("embedded", "ray"))
         if self.ray.num_trainers > 1 and self.launcher != "ray":
             raise ValueError(f"ray.num_trainers={self.ray.num_trainers} needs launcher=ray "
@@ -355,11 +367,22 @@ class TrainConfig:
                                 / self.optim.lr_reference_samples) ** 0.5
 
 
+_SECTION_OF = {"ModelConfig": "model", "DemoConfig": "demo", "DataConfig": "data",
+               "RolloutConfig": "rollout", "AlgorithmConfig": "algorithm",
+               "OptimConfig": "optim", "EvalConfig": "eval", "VerifierConfig": "verifier",
+               "RayConfig": "ray"}
+
+
+def _key(obj, name: str) -> str:
+    """The dotted key a user sets, e.g. "eval.k" (not the class name)."""
+    section = _SECTION_OF.get(type(obj).__name__)
+    return f"{section}.{name}" if section else name
+
+
 def _positive(obj, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got "
-                             f"{getattr(obj, name)}")
+            raise ValueError(f"{_key(obj, name)} must be > 0, got {getattr(obj, name)}")
 
 
 def _stop(stop: list | None) -> dict:
@@ -380,5 +403,5 @@ def _sampling(section: str, params: dict) -> None:
 
 def _choice(obj, name: str, options: tuple) -> None:
     if getattr(obj, name) not in options:
-        raise ValueError(f"{type(obj).__name__}.{name} must be one of {', '.join(options)}, "
+        raise ValueError(f"{_key(obj, name)} must be one of {', '.join(options)}, "
                          f"got {getattr(obj, name)!r}")

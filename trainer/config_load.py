@@ -83,12 +83,22 @@ def to_dict(cfg) -> dict:
 
 
 def describe() -> str:
-    """Every key with its type, default and help, for `brorl train --help`."""
-    lines = []
+    """Every key with its default and help, for `brorl train --help`; where the shipped
+    demo config (what a run without --config starts from) sets another value, that too."""
+    demo = yaml.safe_load(DEMO_CONFIG.read_text()) or {}
+    lines = ["  (the default is for keys a --config file omits; [demo: X] is what a run "
+             "without --config uses, from trainer/configs/demo.yaml)"]
     for key in all_keys():
         f, default = _field_of(key)
-        lines.append(f"  {key:36s} {default!r:>24s}  {f.metadata.get('help', '')}")
+        node = demo
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        shown = "" if node is _ABSENT or node == default else f" [demo: {node!r}]"
+        lines.append(f"  {key:36s} {default!r:>24s}  {f.metadata.get('help', '')}{shown}")
     return "\n".join(lines)
+
+
+_ABSENT = object()
 
 
 def _check_key(key: str) -> None:
@@ -96,6 +106,9 @@ def _check_key(key: str) -> None:
     sections = {k.split(".")[0] for k in keys if "." in k}
     if key in keys:
         return
+    if key in sections:
+        raise ValueError(f"{key} is a section: set {key}.<key>=value (`brorl train --help` "
+                         "lists them)")
     close = difflib.get_close_matches(key, keys + sorted(sections), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"unknown config key {key!r}{hint} (`brorl train --help` lists them)")
@@ -139,9 +152,10 @@ def _coerce(value, f, key: str):
         return float(value)
     checks = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict,
               "list": list}
-    base = ann.split(" ")[0].split("|")[0]
-    want = checks.get(base)
-    if want is None or isinstance(value, want) and not (base in ("int", "float")
-                                                          and isinstance(value, bool)):
+    alts = [a.strip() for a in ann.split("|") if a.strip() != "None"]  # "list | str"
+    if any(a not in checks for a in alts):
         return value
-    raise ValueError(f"{key} must be {base}, got {value!r}")
+    if any(isinstance(value, checks[a]) and not (a in ("int", "float")
+                                                 and isinstance(value, bool)) for a in alts):
+        return value
+    raise ValueError(f"{key} must be {' or '.join(alts)}, got {value!r}")

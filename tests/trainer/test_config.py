@@ -38,7 +38,7 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("rollout.n=abc", "rollout.n must be int"), ("rollout.n=0", "rollout.n must be >= 2, got 0"),
     ("rollout.max_tokens=0", "rollout: max_tokens must be an integer >= 1, got 0"),
     ("eval.max_tokens=-1", "eval: max_tokens must be an integer >= 1, got -1"),
-    ("eval.k=0", "EvalConfig.k must be > 0"),
+    ("eval.k=0", "eval.k must be > 0"),
     ("rollout.n=1", "rollout.n must be >= 2, got 1: .*a group of one has advantage 0"),
     ("algorithm.advantage", "not of the form key=value"), ("steps=1.5", "steps must be int"),
     ("algorithm.tis=clip", "tis must be one of"), ("optim.lr=fast", "optim.lr must be float"),
@@ -58,6 +58,11 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("algorithm.kl_clamp=-1", "kl_clamp must be > 0"), ("algorithm.kl_coef=-0.1", "kl_coef"),
     # else each engine (a Ray worker's too) fails when it is built
     ("rollout.max_kv_tokens=8", "max_kv_tokens=8 must hold at least one page of "),
+    # at load, not after the demo's warm start; by the key the user typed
+    ("model.device=gpu", 'model.device must be "auto", "cpu", "cuda" or "cuda:N"'),
+    ("model.dtype=fp16", "model.dtype must be one of float32, float16, bfloat16"),
+    ("output_dir=", "output_dir is empty"), ("rollout.stop=3", "must be list or str"),
+    ("rollout=3", "rollout is a section: set rollout.<key>=value"),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):
@@ -136,3 +141,17 @@ def test_input_checks_leave_a_remote_ray_cluster_its_own_paths_and_gpus():
     check_inputs(remote)  # nothing here to check against
     with pytest.raises(FileNotFoundError, match="model.path"):
         check_inputs(load_config(None, ["launcher=ray", "model.path=/on/the/cluster"]))
+
+
+def test_a_stop_string_may_be_given_alone():
+    cfg = load_config(None, ["rollout.stop=</answer>", "eval.stop=[a, b]"])
+    assert cfg.rollout.sampling["stop"] == "</answer>" and cfg.eval.stop == ["a", "b"]
+    assert load_config(None, ["model.device=cuda:1"]).model.device == "cuda:1"
+
+
+def test_help_shows_the_demo_values_a_run_without_config_uses():
+    from trainer.config_load import describe
+
+    lines = {line.split()[0]: line for line in describe().splitlines()[1:]}
+    assert lines["rollout.prompts_per_step"].endswith("[demo: 16]")  # default 4
+    assert "[demo:" not in lines["rollout.n"]  # the demo sets 512, the default
