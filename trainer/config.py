@@ -71,7 +71,8 @@ class ModelConfig:
 class DataConfig:
     train: str = _f("gym:chain_sum", '"gym:<reasoning-gym dataset>" or a .jsonl/.parquet '
                     "file with prompt and answer")
-    gym_kwargs: dict = _f({}, "reasoning-gym dataset options (difficulty)")
+    gym_kwargs: dict = _f({}, "reasoning-gym dataset options (difficulty); "
+                          "data.gym_kwargs.max_terms=3 sets one and keeps the others")
     size: int = _f(10000, "reasoning-gym: number of training problems generated")
     eval: str = _f("", "held-out file or gym:<task> (eval_size of them); empty: eval_size "
                    "problems split off the training set (or more of its gym task)")

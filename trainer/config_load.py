@@ -49,11 +49,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value")
-        _check_key(key.strip())
+        key = key.strip()
+        if not _dict_entry(key):  # data.gym_kwargs.max_terms=3: one entry of a dict key
+            _check_key(key)
         node = tree
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if not isinstance(node.get(p), dict):  # absent, or null in the file
+                node[p] = {}
+            node = node[p]
         node[leaf] = yaml.safe_load(value) if value.strip() else ""
     return build(TrainConfig, tree, "")
 
@@ -99,6 +103,19 @@ def describe() -> str:
 
 
 _ABSENT = object()
+
+
+def _dict_entry(key: str) -> bool:
+    """Whether `key` names an entry of a dict-valued key (e.g. data.gym_kwargs.max_terms):
+    set alone, it keeps the dict's other entries."""
+    parts = key.split(".")
+    if len(parts) < 3:
+        return False
+    head = ".".join(parts[:2])
+    if head not in all_keys():
+        return False
+    f, default = _field_of(head)
+    return isinstance(default, dict)
 
 
 def _check_key(key: str) -> None:

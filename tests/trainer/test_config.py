@@ -155,3 +155,13 @@ def test_help_shows_the_demo_values_a_run_without_config_uses():
     lines = {line.split()[0]: line for line in describe().splitlines()[1:]}
     assert lines["rollout.prompts_per_step"].endswith("[demo: 16]")  # default 4
     assert "[demo:" not in lines["rollout.n"]  # the demo sets 512, the default
+
+
+def test_one_entry_of_a_dict_key_can_be_set_alone():
+    cfg = load_config(None, ["data.gym_kwargs.max_terms=2"])
+    assert cfg.data.gym_kwargs == {"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                   "max_digits": 1}  # demo.yaml's others kept
+    assert load_config(None, ["data.gym_kwargs={max_terms: 2}"]).data.gym_kwargs == {
+        "max_terms": 2}  # a whole dict replaces it
+    with pytest.raises(ValueError, match="unknown config key 'data.size.x'"):
+        load_config(None, ["data.size.x=2"])
