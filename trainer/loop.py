@@ -87,6 +87,9 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
     try:
         if run.step == 0:
             _log_eval(run, 0, {"elapsed_s": 0.0})
+        elif run.step >= cfg.steps and dp.is_main:
+            log.warning("the run is already at step %d of steps=%d: nothing to train (pass "
+                        "steps=N to go on)", run.step, cfg.steps)
         while run.step < cfg.steps:
             train_step(run)
     except KeyboardInterrupt:

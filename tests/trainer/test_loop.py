@@ -109,6 +109,7 @@ def test_a_resume_with_overrides_saves_them_for_the_next_resume(tiny_policy, tmp
     first = (out / "config.yaml").read_text()
     train(_cfg(tiny_policy, out, steps=2), resume=str(out))  # nothing changed
     assert (out / "config.yaml").read_text() == first and "changed config" not in caplog.text
+    assert "already at step 2 of steps=2: nothing to train" in caplog.text
     train(_cfg(tiny_policy, out, steps=3), resume=str(out))
     assert "resuming with a changed config (steps)" in caplog.text
     assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 3
