@@ -7,7 +7,8 @@ the chain from one that got better at each operation.
 
     brorl train output_dir=runs/demo && python bench/demo_report.py runs/demo
 
-Writes bench/results/demo-report-cpu.json (device, versions, date, the rows).
+Writes RUN_DIR/demo-report.json, or --out (the committed figures came from
+--out bench/results/demo-report-cpu.json).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
     ap.add_argument("--k", type=int, default=32, help="samples per problem when sampling")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo-report-cpu.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: RUN_DIR/demo-report.json; the committed "
+                         "figures are bench/results/demo-report-cpu.json)")
     args = ap.parse_args()
     cfg = load_config(Path(args.run_dir) / "config.yaml")
     if cfg.model.path != "demo" or cfg.data.train != "gym:chain_sum":
@@ -97,8 +100,9 @@ def main() -> None:
                     f"{t} terms: acc {v['accuracy']:.3f}, full chain {v['full_chain']:.3f}"
                     if t != "all" else f"all: {v['accuracy']:.3f}" for t, v in by_terms.items()),
                     flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "demo-report.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def format_text(info: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m engine.info` (and `brorl info` through trainer/cli.py)."""
-    ap = argparse.ArgumentParser(prog="brorl info", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.info",
+                                 description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     return run(ap.parse_args(argv))
 

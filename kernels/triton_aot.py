@@ -287,7 +287,7 @@ def _write_resources(path: str, rows: list, arch: int, shapes: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=("capture", "compile"))
+    p.add_argument("step", choices=("capture", "compile"), metavar="{capture,compile}")
     p.add_argument("path", help="the launches JSON (capture writes it, compile reads it)")
     p.add_argument("--shapes", choices=("small", "real"), default="small")
     p.add_argument("--models", nargs="+", choices=sorted(REAL_SHAPES),

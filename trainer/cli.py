@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoint, else the shipped demo)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("plot", help="PNG curves of a run (accuracy, reward vs hours)")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("run_dir", help="a run directory (its metrics.jsonl)")
+    p.add_argument("--out", default=None,
+                   help="PNG path or directory (default: RUN_DIR/curves.png)")
     i = sub.add_parser("info", help="versions, GPU, built C++ extensions and the engine "
                        "implementations this machine would use")
     _info_arguments(i)
