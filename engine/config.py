@@ -47,6 +47,20 @@ class RopeConfig:
         params = {**scaling, **params}
         theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
         rope_type = params.pop("rope_type", params.pop("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:  # before its parameters: name the type
+            raise ValueError(f"unsupported rope scaling type {rope_type!r}; "
+                             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        partial = params.pop("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) "
+                             "are not supported")
+        if rope_type == "yarn" and params.get("factor") is None:
+            # as transformers: the context extension the two lengths describe
+            original = params.get("original_max_position_embeddings")
+            if not original:
+                raise ValueError("yarn rope without a factor needs "
+                                 "original_max_position_embeddings")
+            params["factor"] = hf.get("max_position_embeddings", 2048) / original
         known = {f for f in cls.__dataclass_fields__ if f not in ("theta", "type")}
         unknown = sorted(k for k in params if k not in known)
         if unknown:
@@ -134,7 +148,7 @@ class ModelConfig:
             rope=RopeConfig.from_hf(hf),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type == "llama" else False,
+            o_bias=attention_bias if model_type in ("llama", "qwen3") else False,
             mlp_bias=bool(hf.get("mlp_bias", False)) if model_type == "llama" else False,
             qk_norm=model_type == "qwen3",
             eos_token_ids=eos,

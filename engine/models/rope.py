@@ -20,12 +20,14 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int,
     if rope.type == "linear":
         return inv_freq / rope.factor, 1.0
     if rope.type == "llama3":
-        return _llama3(inv_freq, rope), 1.0
+        return _llama3(inv_freq, rope, max_position_embeddings), 1.0
     return _yarn(rope, head_dim, max_position_embeddings)
 
 
-def _llama3(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    old_ctx = rope.original_max_position_embeddings or 8192
+def _llama3(inv_freq: torch.Tensor, rope: RopeConfig, max_pos: int) -> torch.Tensor:
+    # no original_max_position_embeddings (an older config.json): max_position_embeddings,
+    # as transformers' standardize_rope_params reads it
+    old_ctx = rope.original_max_position_embeddings or max_pos
     low_wavelen = old_ctx / rope.low_freq_factor
     high_wavelen = old_ctx / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq

@@ -85,3 +85,58 @@ def test_bfloat16_engine_tracks_float32_logprobs(qwen2):
                                                             ignore_eos=True))[0].outputs[0]
     _, logprobs = hf_greedy(model, [5, 6, 7, 8, 9], 1)
     assert abs(out.logprobs[0] - logprobs[0].item()) < 0.05
+
+
+def _edit_config(path, edit) -> None:
+    import json
+
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    edit(cfg)
+    cfg_file.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case", ["llama3 without its original length", "yarn without factor"])
+def test_rope_parameters_an_older_config_leaves_out_match_transformers(tmp_path, case):
+    """transformers fills them from max_position_embeddings (512 here): llama3's original
+    length (the engine took 8192: logprobs 0.65 off, other greedy tokens) and yarn's factor
+    (max / original; the engine raised a TypeError)."""
+    from transformers import AutoModelForCausalLM
+
+    rope = ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+             "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+            if case.startswith("llama3") else
+            {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64})
+    make_checkpoint(tmp_path, "llama", rope_parameters={"rope_theta": 5000.0, **rope})
+
+    def drop(cfg):
+        if case.startswith("llama3"):
+            del cfg["rope_parameters"]["original_max_position_embeddings"]
+        else:
+            cfg["rope_parameters"]["factor"] = None
+
+    _edit_config(tmp_path, drop)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    engine = Engine(str(tmp_path), page_size=PAGE, max_kv_tokens=2048)
+    g = torch.Generator().manual_seed(4)
+    assert_matches_hf(engine, model, [torch.randint(3, 128, (70,), generator=g).tolist()])
+
+
+def test_qwen3_attention_bias_is_on_the_output_projection_too(tmp_path):
+    model = make_checkpoint(tmp_path, "qwen3", attention_bias=True)
+    assert model.model.layers[0].self_attn.o_proj.bias is not None  # transformers' layout
+    engine = Engine(str(tmp_path), page_size=PAGE, max_kv_tokens=2048)
+    assert_matches_hf(engine, model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "longrope", "long_factor": [1.0], "short_factor": [1.0]},
+     "unsupported rope scaling type 'longrope'"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5},
+     r"partial rotary embeddings \(partial_rotary_factor=0.5\) are not supported"),
+])
+def test_rope_settings_we_do_not_run_are_refused_by_name(tmp_path, rope, match):
+    make_checkpoint(tmp_path, "llama")
+    _edit_config(tmp_path, lambda cfg: cfg.update(rope_parameters={"rope_theta": 1e4, **rope}))
+    with pytest.raises(ValueError, match=match):
+        Engine(str(tmp_path), page_size=PAGE, max_kv_tokens=2048)
