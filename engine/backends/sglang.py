@@ -1,17 +1,27 @@
 """An SGLang backend for users who already run SGLang: `SGLangEngine` offers our engine's
 contract (`generate(prompts, SamplingParams) -> list[RequestOutput]`, `tokenizer`,
-`policy_version`, `stats`) on top of `sglang.Engine`, and joins the weight-sync protocol
-through SGLang's own calls: `init_weight_sync` wraps `init_weights_update_group`, and
-`apply_manifest` turns our manifest (names, shapes, dtypes, version) into
-`update_weights_from_distributed`, after which the trainer broadcasts each tensor, in
-manifest order, on that group (SGLang's per-tensor protocol, not our byte buckets).
+`policy_version`, `stats`, in-process `update_weights`) on top of `sglang.Engine`.
+
+Distributed weight sync is half here: `init_weight_sync` wraps SGLang's
+`init_weights_update_group` and `apply_manifest` turns our manifest (names, shapes, dtypes,
+version) into `update_weights_from_distributed`. Both calls block until the other side has
+done its part: the rendezvous, then one broadcast per tensor from rank 0 in manifest order
+on a torch process group that SGLang builds itself (SGLang's per-tensor protocol, not our
+byte buckets). The trainer-side sender for that protocol is not built yet: none of
+trainer/weight_sync's channels (cupy NCCL, gloo) joins SGLang's group. SGLang checks no
+name or shape before it receives; a failed update may leave its weights partly updated
+(re-sync or rebuild it), and `policy_version` is not bumped.
 
 sglang is imported only when an `SGLangEngine` is built without an engine object.
 
 Differences from our engine, by design of SGLang: a prompt's n samples are n requests with
 the same prompt (SGLang's radix cache shares the prefix); `seed` is not forwarded, so
-samples are not reproducible by seed; SGLang's logprobs are of its own sampling
-distribution, so with temperature != 1 prefer `algorithm.old_logprobs=recompute`.
+samples are not reproducible by seed; SGLang's `ignore_eos` also switches off
+`stop_token_ids` (refused here rather than run differently); SGLang may let a stop string
+end a sample before `min_tokens`. Its logprobs are of softmax(logits / temperature) over
+the full vocabulary, as ours, in recent versions; older ones (about 0.4.4) renormalise
+under top_p, and SGLANG_RETURN_ORIGINAL_LOGPROB=1 gives temperature-1 ones: there, prefer
+`algorithm.old_logprobs=recompute`.
 """
 
 from __future__ import annotations
@@ -33,14 +43,17 @@ def to_sglang_params(p: SamplingParams) -> dict:
            "max_new_tokens": int(p.max_tokens), "min_new_tokens": int(p.min_tokens),
            "ignore_eos": bool(p.ignore_eos)}
     if p.stop_token_ids:
+        if p.ignore_eos:
+            raise ValueError("SGLang ignores stop_token_ids when ignore_eos is set (our "
+                             "engine and vLLM still stop on them): leave one of them out")
         out["stop_token_ids"] = list(p.stop_token_ids)
     if p.stop:
         out["stop"] = list(p.stop)
-        if p.include_stop_str_in_output:
-            # SGLang's name: keep the stop string in the text. Versions differ in what
-            # follows it: newer ones cut right after it, as our engine does; older ones
-            # keep the rest of the completing token's text too.
-            out["no_stop_trim"] = True
+    if p.include_stop_str_in_output:
+        # SGLang's name: keep the stop string (or stop token) in the text. Versions differ
+        # in what follows a stop string: newer ones cut right after it, as our engine
+        # does; older ones keep the rest of the completing token's text too.
+        out["no_stop_trim"] = True
     return out
 
 
@@ -104,6 +117,8 @@ class SGLangEngine:
         """Draws params.n samples per prompt; one RequestOutput per prompt, in order."""
         prompts = normalize_prompts(prompts)
         params = normalize_params(sampling_params, len(prompts))
+        if not prompts:
+            return []
         ids = [p if isinstance(p, list) else self._encode(p) for p in prompts]
         flat_ids, flat_params = [], []
         for i, p in zip(ids, params):
@@ -137,15 +152,19 @@ class SGLangEngine:
     # -- weight sync ---------------------------------------------------------------
     def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
                          group_name: str = "brorl_weight_sync", backend: str = "nccl") -> None:
-        """Joins the trainer's weight-sync group (the trainer is rank 0)."""
-        self._engine.init_weights_update_group(
+        """Joins the trainer's weight-sync group (the trainer is rank 0; this engine's
+        ranks are rank_offset + its tensor-parallel ranks). Blocks until every rank has
+        joined; SGLang's failure answer is raised."""
+        result = self._engine.init_weights_update_group(
             master_address=host, master_port=port, rank_offset=rank_offset,
             world_size=world_size, group_name=group_name, backend=backend)
+        _check_ok(result, "init_weights_update_group")
         self._group = group_name
 
     def apply_manifest(self, manifest) -> None:
-        """Receives one sync described by a weight-sync `Manifest`: SGLang checks the
-        names/shapes, receives each tensor's broadcast, loads it and flushes its cache."""
+        """Receives one sync described by a weight-sync `Manifest`: SGLang allocates each
+        tensor from the manifest, receives its broadcast, then loads them all and flushes
+        its cache. Blocks until the trainer has broadcast every tensor."""
         if self._group is None:
             raise RuntimeError("call init_weight_sync before apply_manifest")
         entries = manifest.entries()
@@ -167,6 +186,11 @@ class SGLangEngine:
 
     def stats(self) -> dict:
         return {"policy_version": self.policy_version, "backend": "sglang"}
+
+    def shutdown(self) -> None:
+        """Stops the SGLang engine (its scheduler and detokenizer processes)."""
+        if hasattr(self._engine, "shutdown"):
+            self._engine.shutdown()
 
 
 def _check_ok(result, what: str) -> None:

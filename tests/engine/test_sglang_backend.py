@@ -15,8 +15,10 @@ from trainer.weight_sync.protocol import plan_buckets
 class FakeSGLang:
     """Answers like sglang.Engine: output token k of request r is 100 * r + k."""
 
-    def __init__(self, finish="length", update_result=(True, "ok"), matched=None) -> None:
+    def __init__(self, finish="length", update_result=(True, "ok"), matched=None,
+                 init_result=(True, "ok")) -> None:
         self.calls = []
+        self.init_result = init_result
         self.finish = finish
         self.matched = matched
         self.update_result = update_result
@@ -34,7 +36,7 @@ class FakeSGLang:
 
     def init_weights_update_group(self, **kw):
         self.calls.append(("init", kw))
-        return True, "ok"
+        return self.init_result
 
     def update_weights_from_distributed(self, **kw):
         self.calls.append(("update", kw))
@@ -47,17 +49,29 @@ class FakeSGLang:
 
 def test_sampling_params_translate_to_sglang_names():
     p = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, min_p=0.05, max_tokens=33,
-                       min_tokens=2, seed=5, stop_token_ids=[7, 9], ignore_eos=True)
+                       min_tokens=2, seed=5, stop_token_ids=[7, 9])
     assert to_sglang_params(p) == {
         "temperature": 0.7, "top_p": 0.9, "top_k": 20, "min_p": 0.05, "max_new_tokens": 33,
-        "min_new_tokens": 2, "ignore_eos": True, "stop_token_ids": [7, 9]}
+        "min_new_tokens": 2, "ignore_eos": False, "stop_token_ids": [7, 9]}
     assert "stop_token_ids" not in to_sglang_params(SamplingParams())
+    assert to_sglang_params(SamplingParams(ignore_eos=True))["ignore_eos"] is True
+
+
+def test_stop_tokens_with_ignore_eos_are_refused():
+    """SGLang's check_finished skips stop_token_ids under ignore_eos; ours (as vLLM) stops
+    on them: refused rather than run to max_tokens without a word."""
+    with pytest.raises(ValueError, match="ignores stop_token_ids when ignore_eos"):
+        to_sglang_params(SamplingParams(stop_token_ids=[7], ignore_eos=True))
 
 
 def test_stop_strings_translate_to_stop_and_no_stop_trim():
     assert to_sglang_params(SamplingParams(stop="\n\n"))["stop"] == ["\n\n"]
     kept = to_sglang_params(SamplingParams(stop=["a", "bc"], include_stop_str_in_output=True))
     assert kept["stop"] == ["a", "bc"] and kept["no_stop_trim"] is True
+    # a stop token's text is kept too, as our engine keeps it with the flag
+    assert to_sglang_params(SamplingParams(stop_token_ids=[7], include_stop_str_in_output=True)
+                            )["no_stop_trim"] is True
+    assert "no_stop_trim" not in to_sglang_params(SamplingParams(stop_token_ids=[7]))
     plain = to_sglang_params(SamplingParams())
     assert "stop" not in plain and "no_stop_trim" not in plain
     assert "no_stop_trim" not in to_sglang_params(SamplingParams(stop="a"))
@@ -99,16 +113,23 @@ def test_stop_reason_is_the_matched_stop_string_or_stop_token(matched, stop_ids,
                               stop_ids).stop_reason == want
 
 
-@pytest.mark.parametrize("matched,ignore_eos,want", [(7, False, 7), (2, False, None),
-                                                       (2, True, 2)])
-def test_a_listed_eos_names_no_stop_reason_unless_eos_is_ignored(qwen2, matched, ignore_eos,
-                                                                 want):
+@pytest.mark.parametrize("matched,want", [(7, 7), (2, None)])
+def test_a_listed_eos_names_no_stop_reason(qwen2, matched, want):
     """As our engine: the checkpoint's EOS (2) gives None even in stop_token_ids."""
     eng = SGLangEngine(qwen2[0], engine=FakeSGLang("stop", matched=matched))
     assert eng.eos_token_ids == (2,)
-    out = eng.generate([[1, 2]], SamplingParams(max_tokens=2, stop_token_ids=[2, 7],
-                                                ignore_eos=ignore_eos))
+    out = eng.generate([[1, 2]], SamplingParams(max_tokens=2, stop_token_ids=[2, 7]))
     assert out[0].outputs[0].stop_reason == want
+
+
+def test_no_prompts_send_nothing_and_a_refused_group_join_raises(qwen2):
+    fake = FakeSGLang(init_result=(False, "Failed to initialize custom process group"))
+    eng = SGLangEngine(qwen2[0], engine=fake)
+    assert eng.generate([], SamplingParams()) == [] and fake.calls == []
+    with pytest.raises(ValueError, match="init_weights_update_group failed: Failed to init"):
+        eng.init_weight_sync("127.0.0.1", 29500, 1, 2)
+    with pytest.raises(RuntimeError, match="call init_weight_sync before"):  # not joined
+        eng.apply_manifest(plan_buckets([("a", torch.zeros(2))], 1 << 20, version=1))
 
 
 def test_a_model_without_a_local_config_still_builds(tmp_path):
