@@ -281,7 +281,7 @@ def test_rollout_stop_strings_end_responses_and_the_verifier_sees_them(tiny_poli
 
 @pytest.mark.parametrize("override,match", [
     ("rollout.stop=['']", "rollout: stop strings must be non-empty"),
-    ("rollout.stop=abc", "rollout.stop must be list"),
+    ("rollout.stop={a: 1}", "rollout.stop must be list or str"),  # one string is fine
     ("eval.stop=[3]", "eval: stop strings must be strings"),
 ])
 def test_bad_stop_strings_fail_when_the_config_loads(override, match):
