@@ -41,15 +41,15 @@ class Engine:
                                    page_size=page_size, max_kv_tokens=max_kv_tokens,
                                    max_batch_size=max_batch_size,
                                    attention_backend=attention_backend, **options)
-        self.model_config = ModelConfig.from_dir(model)
+        self.tokenizer = load_tokenizer(model)
+        config = ModelConfig.from_dir(model)  # and the tokenizer's EOS, as vLLM stops on it
+        self.model_config = dataclasses.replace(config, eos_token_ids=with_tokenizer_eos(
+            config.eos_token_ids, self.tokenizer))
         self.device = torch.device(device)
         tdtype = getattr(torch, dtype)
         self.model = DecoderLM(self.model_config, self.device, tdtype,
                                self.config.linear_backend)
         self.model.load_checkpoint(model)
-        self.tokenizer = load_tokenizer(model)
-        self.model_config = dataclasses.replace(self.model_config, eos_token_ids=(
-            with_tokenizer_eos(self.model_config.eos_token_ids, self.tokenizer)))
         self._stop = StopChecker(self.tokenizer)
         num_pages = num_pages_that_fit(self.model_config, self.config, tdtype, self.device)
         self.kv = KVPool(self.model_config, num_pages, page_size, tdtype, self.device)

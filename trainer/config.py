@@ -56,7 +56,9 @@ class ModelConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f'model.device must be "auto", "cpu", "cuda" or "cuda:N", got '
                              f"{self.device!r}")
-        _choice(self, "dtype", ("float32", "float16", "bfloat16"))
+        from engine.config import DTYPES  # the engine's own list
+
+        _choice(self, "dtype", DTYPES)
 
     @property
     def resolved_device(self) -> str:
@@ -214,19 +216,19 @@ class AlgorithmConfig:
         from trainer.algorithms import ESTIMATORS
 
         _choice(self, "advantage", tuple(sorted(ESTIMATORS)))
-        name = "algorithm"
         if not 0.0 <= self.eps_low < 1.0:
-            raise ValueError(f"{name}.eps_low must be in [0, 1), got {self.eps_low}")
+            raise ValueError(f"{_key(self, 'eps_low')} must be in [0, 1), got {self.eps_low}")
         if self.eps_high < 0.0:
-            raise ValueError(f"{name}.eps_high must be >= 0, got {self.eps_high}")
+            raise ValueError(f"{_key(self, 'eps_high')} must be >= 0, got {self.eps_high}")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"{name}.dual_clip must be > 1 (None: off), got {self.dual_clip}")
+            raise ValueError(f"{_key(self, 'dual_clip')} must be > 1 (None: off), got "
+                             f"{self.dual_clip}")
         if self.kl_coef < 0.0:
-            raise ValueError(f"{name}.kl_coef must be >= 0, got {self.kl_coef}")
+            raise ValueError(f"{_key(self, 'kl_coef')} must be >= 0, got {self.kl_coef}")
         _positive(self, "kl_clamp")
         low, high = self.tis_bounds
         if self.tis != "none" and not 0.0 <= low < high:
-            raise ValueError(f"{name}.tis_low and tis_high need 0 <= low < high, got "
+            raise ValueError("algorithm.tis_low and tis_high need 0 <= low < high, got "
                              f"low={low}, high={high} (tis_low None: "
                              f"{'0' if self.tis == 'truncate' else '0.5'} for {self.tis})")
 
