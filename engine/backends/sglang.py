@@ -2,15 +2,15 @@
 contract (`generate(prompts, SamplingParams) -> list[RequestOutput]`, `tokenizer`,
 `policy_version`, `stats`, in-process `update_weights`) on top of `sglang.Engine`.
 
-Distributed weight sync is half here: `init_weight_sync` wraps SGLang's
+Distributed weight sync, the engine's half: `init_weight_sync` wraps SGLang's
 `init_weights_update_group` and `apply_manifest` turns our manifest (names, shapes, dtypes,
 version) into `update_weights_from_distributed`. Both calls block until the other side has
 done its part: the rendezvous, then one broadcast per tensor from rank 0 in manifest order
 on a torch process group that SGLang builds itself (SGLang's per-tensor protocol, not our
-byte buckets). The trainer-side sender for that protocol is not built yet: none of
-trainer/weight_sync's channels (cupy NCCL, gloo) joins SGLang's group. SGLang checks no
-name or shape before it receives; a failed update may leave its weights partly updated
-(re-sync or rebuild it), and `policy_version` is not bumped.
+byte buckets). The trainer's half is `trainer.weight_sync.sglang.SGLangSender`, which runs
+these calls in threads while it joins and broadcasts. SGLang checks no name or shape
+before it receives; a failed update may leave its weights partly updated (re-sync or
+rebuild it), and `policy_version` is not bumped.
 
 sglang is imported only when an `SGLangEngine` is built without an engine object.
 
