@@ -68,6 +68,33 @@ def test_assert_run_that_crashes_or_times_out_scores_zero():
     assert get_verifier("code")(item) == 0.0
 
 
+def test_the_sandboxs_start_up_is_not_charged_to_the_programs_budget(monkeypatch):
+    """A run costs 50 ms of start-up before the program's first instruction: 20 instant
+    cases under a 0.3 s budget all pass (before, start-ups ate the budget after 6 cases)."""
+    import trainer.verifiers.code as code_mod
+    from trainer.verifiers.sandbox import SandboxResult
+
+    def run(program, stdin, timeout_s):
+        time.sleep(0.05)  # the isolation set-up and interpreter start
+        return SandboxResult(0, str(2 * int(stdin)), "", False)
+
+    monkeypatch.setattr(code_mod, "run_sandboxed", run)
+    monkeypatch.setattr(code_mod, "sandbox_startup_s", lambda: 0.05)
+    tests = [{"input": str(i), "output": str(2 * i)} for i in range(20)]
+    assert get_verifier("code")(code_item(ECHO_DOUBLE, tests, timeout_s=0.3)) == 1.0
+    def slow(program, stdin, timeout_s):  # 0.1 s of program time per case
+        time.sleep(0.1)
+        return run(program, stdin, timeout_s)
+
+    monkeypatch.setattr(code_mod, "run_sandboxed", slow)
+    assert get_verifier("code")(code_item(ECHO_DOUBLE, tests, timeout_s=0.3)) <= 0.2
+
+
+def test_sandbox_start_up_is_measured_once_and_is_plausible():
+    first = sandbox_mod.sandbox_startup_s()
+    assert 0 < first < 2.0 and sandbox_mod.sandbox_startup_s() == first
+
+
 def test_code_verifier_rejects_missing_tests():
     with pytest.raises(ValueError, match="tests"):
         get_verifier("code")(code_item("print(1)", None))

@@ -9,7 +9,10 @@
   each top-level `assert` counts as one test.
 Call-based cases (APPS/TACO's `fn_name`) are refused as an error, not run as stdin.
 The score is the fraction of tests passed (ProRL); a run that crashes or times out as a
-whole scores 0. `metadata["timeout_s"]` (default 5 s) bounds the total wall time.
+whole scores 0. `metadata["timeout_s"]` (default 5 s) bounds the programs' total wall
+time; the sandbox's own start-up per case (`sandbox_startup_s`, about 50 ms here) is not
+charged to it, so a program's score does not fall with its number of cases. The verifier
+pool's per-sample timeout (`verifier.timeout_s`) still bounds the whole item.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import secrets
 import time
 
 from trainer.verifiers.base import VerifyItem, register_verifier
-from trainer.verifiers.sandbox import run_sandboxed
+from trainer.verifiers.sandbox import run_sandboxed, sandbox_startup_s
 
 DEFAULT_TIMEOUT_S = 5.0
 _PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -73,9 +76,11 @@ def io_cases(tests) -> list[tuple[str, str]]:
 
 def score_io(program: str, cases: list[tuple[str, str]], timeout_s: float) -> float:
     """Fraction of stdin/stdout cases passed, one sandboxed run each, all within timeout_s
-    (cases left when the time is spent count as failed)."""
+    plus each run's start-up (cases left when the time is spent count as failed)."""
+    startup = sandbox_startup_s()
     deadline, passed = time.monotonic() + timeout_s, 0
     for stdin, expected in cases:
+        deadline += startup
         left = deadline - time.monotonic()
         if left <= 0:
             break

@@ -233,6 +233,18 @@ def run_sandboxed(code: str, stdin: str = "", timeout_s: float = 5.0, memory_mb:
     return _run(code, stdin, timeout_s, limits, output_cap, _isolation())
 
 
+@functools.lru_cache(maxsize=1)
+def sandbox_startup_s() -> float:
+    """Wall time of a sandboxed run of an empty program on this machine (isolation set-up,
+    interpreter start and exit): the least of three runs, probed once per process."""
+    best = math.inf
+    for _ in range(3):
+        start = time.monotonic()
+        run_sandboxed("", timeout_s=10.0)
+        best = min(best, time.monotonic() - start)
+    return best
+
+
 def sandbox_isolation() -> str:
     """The isolation layers `run_sandboxed` uses on this machine (probed once per process)."""
     level = _isolation()
