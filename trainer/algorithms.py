@@ -327,6 +327,26 @@ def predicted_keep_rate(q: Tensor | float, n: int) -> Tensor | float:
     return 1 - q**n - (1 - q) ** n
 
 
+def predicted_keep_rate_of(rewards: Tensor, n: int, atol: float = 1e-9) -> Tensor:
+    """float64 [G] from rewards [G, N]: the probability that n samples drawn (with
+    replacement) from each group's own rewards are not all equal (group_keep_mask's test,
+    values within atol of their sorted neighbour being one value), 1 - sum_v p_v^n over
+    the group's distinct values v with shares p_v. With rewards in {0, 1} this is
+    predicted_keep_rate(q, n) of the group's solve rate q; it needs no binary rewards."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [G, N], got shape {tuple(rewards.shape)}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    ordered = rewards.detach().double().sort(dim=1).values
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered.diff(dim=1) > atol  # a new value begins here
+    out = torch.empty(rewards.shape[0], dtype=torch.float64)
+    for i, row in enumerate(starts):
+        counts = torch.bincount(row.long().cumsum(0) - 1).double()
+        out[i] = 1 - (counts / row.numel()).pow(n).sum()
+    return out.clamp_(min=0.0)
+
+
 def lr_scale(samples_per_step: float, reference_samples: float) -> float:
     """Square-root learning-rate scaling sqrt(samples_per_step / reference_samples) for a
     larger rollout batch (e.g. BroRL's N=512 against the N=16 reference)."""

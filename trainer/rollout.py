@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import SamplingParams
-from trainer.algorithms import group_keep_mask, predicted_keep_rate
+from trainer.algorithms import group_keep_mask, predicted_keep_rate_of
 from trainer.config import TrainConfig
 from trainer.coverage import unsampled_mass
 from trainer.data import Problem, ProblemStream, render_prompt, system_prompt
@@ -197,9 +197,9 @@ def rollout_metrics(generated: list[Group], kept: list[Group], seconds: float) -
         "rollout/groups_generated": len(generated),
         "rollout/groups_kept": len(kept),
         "rollout/pass_rate": len(kept) / len(generated),
-        "rollout/predicted_pass_rate": float(predicted_keep_rate(q, n).mean()),
+        "rollout/predicted_pass_rate": float(predicted_keep_rate_of(rewards, n).mean()),
         # what the same prompts would keep at ProRL's N=16 (BroRL: 41% there, 62% at 512)
-        "rollout/predicted_pass_rate_n16": float(predicted_keep_rate(q, 16).mean()),
+        "rollout/predicted_pass_rate_n16": float(predicted_keep_rate_of(rewards, 16).mean()),
         "rollout/all_correct_groups": int((q == 1).sum()),
         "rollout/all_wrong_groups": int((q == 0).sum()),
         "rollout/seconds": seconds,

@@ -16,6 +16,7 @@ from trainer.algorithms import (
     max_variance_subset,
     ppo_clip_loss,
     predicted_keep_rate,
+    predicted_keep_rate_of,
     register_estimator,
     tis_weights,
 )
@@ -342,6 +343,25 @@ def test_predicted_keep_rate_hand_values():
     close(predicted_keep_rate(torch.tensor([0.0, 1.0, 0.5]), 4), [0.0, 0.0, 0.875])
     with pytest.raises(ValueError, match="q"):
         predicted_keep_rate(1.5, 4)
+
+
+def test_predicted_keep_rate_of_rewards_generalises_the_binary_formula():
+    gen = torch.Generator().manual_seed(0)
+    binary = (torch.rand(32, 16, generator=gen) < torch.rand(32, 1, generator=gen)).double()
+    for n in (1, 2, 16, 512):
+        close(predicted_keep_rate_of(binary, n), predicted_keep_rate(binary.mean(1), n),
+              atol=1e-12)
+    graded = torch.tensor([[0.0, 0.5, 1.0, 1.0],     # 1 - (1/4^2 + 1/4^2 + 1/2^2)
+                           [0.2, 0.3, 0.2, 0.3],     # all below 0.5, yet kept half the time
+                           [0.4, 0.4, 0.4, 0.4 + 1e-12]])  # equal within atol: never kept
+    close(predicted_keep_rate_of(graded, 2), [0.625, 0.5, 0.0])
+    # a prediction of the keep rate: its mean over many draws of n matches group_keep_mask
+    rows = graded[torch.zeros(20000, dtype=torch.long) + 1]
+    picks = rows.gather(1, torch.randint(0, 4, (20000, 3), generator=gen))
+    assert abs(float(group_keep_mask(picks).double().mean()) - 0.75) < 0.02
+    close(predicted_keep_rate_of(graded[1:2], 3), [0.75])
+    with pytest.raises(ValueError, match="shape"):
+        predicted_keep_rate_of(torch.zeros(4), 2)
 
 
 def test_lr_scale_is_square_root_of_sample_ratio():
