@@ -81,22 +81,26 @@ def _onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
 LINEAR_BACKENDS = {"torch": TorchLinear, "onednn": OneDNNLinear}
 
 
-@functools.lru_cache(maxsize=1)
-def onednn_available() -> bool:
-    """True when this torch build has oneDNN and its prepacked-linear ops work."""
+@functools.cache
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build has oneDNN and its prepacked-linear ops work in `dtype`
+    on this CPU (oneDNN's bfloat16 path needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an
+    AVX2-only CPU has float32 only)."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        w, x = torch.ones(3, 2), torch.ones(1, 2)
+        w, x = torch.ones(3, 2, dtype=dtype), torch.ones(1, 2, dtype=dtype)
         out = OneDNNLinear()(x, OneDNNLinear().pack(w))
-        return bool(torch.equal(out, torch.full((1, 3), 2.0)))
-    except (AttributeError, RuntimeError):
+        return bool(torch.equal(out, torch.full((1, 3), 2.0, dtype=dtype)))
+    except (AttributeError, RuntimeError, ValueError):
         return False
 
 
 def default_linear_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """What "auto" picks: onednn on the CPU for float32/bfloat16 when it works, else torch."""
-    return "onednn" if _onednn_supports(device, dtype) and onednn_available() else "torch"
+    """What "auto" picks: onednn on the CPU for float32/bfloat16 when it works in that
+    dtype here, else torch."""
+    return "onednn" if _onednn_supports(device, dtype) and onednn_available(dtype) \
+        else "torch"
 
 
 def make_linear(name: str, device: torch.device, dtype: torch.dtype):
@@ -109,7 +113,8 @@ def make_linear(name: str, device: torch.device, dtype: torch.dtype):
     if name == "onednn" and not _onednn_supports(device, dtype):
         raise ValueError(f"linear_backend 'onednn' needs a CPU device and float32 or "
                          f"bfloat16, got {device} / {dtype}")
-    if name == "onednn" and not onednn_available():
-        raise ValueError("linear_backend 'onednn': this torch build has no working oneDNN; "
-                         "use 'torch'")
+    if name == "onednn" and not onednn_available(dtype):
+        raise ValueError(f"linear_backend 'onednn': oneDNN's {str(dtype).removeprefix('torch.')}"
+                         " linear does not work with this torch build on this CPU (bfloat16 "
+                         "needs AVX-512 or AVX-NE-CONVERT); use 'torch' or 'auto'")
     return LINEAR_BACKENDS[name]()

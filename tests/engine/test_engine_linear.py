@@ -69,10 +69,22 @@ def test_a_partial_update_repacks_the_changed_weights(tmp_path, tied):
         assert max(abs(lp + torch.log(torch.tensor(128.0)).item()) for lp in logprobs) < 1e-5
 
 
+@pytest.mark.skipif(not onednn_available(torch.bfloat16),
+                    reason="oneDNN has no bfloat16 path on this CPU")
 def test_onednn_engine_runs_bfloat16(qwen2):
     got = completions(engine(qwen2[0], "onednn", "bfloat16"), 1.0)
     assert len(got) == 8 and all(len(c.token_ids) == 10 for c in got)
     assert all(lp <= 0.0 for c in got for lp in c.logprobs)
+
+
+def test_a_bfloat16_engine_runs_on_every_cpu_with_auto(qwen2):
+    """'auto' picks oneDNN for bfloat16 only where its bf16 path works (an AVX2-only CPU
+    crashed in the weights' packing); either way the samples are bfloat16's."""
+    eng = engine(qwen2[0], "auto", "bfloat16")
+    expected = "onednn" if onednn_available(torch.bfloat16) else "torch"
+    assert eng.stats()["linear_backend"] == expected
+    got = completions(eng, 1.0)
+    assert len(got) == 8 and all(lp <= 0.0 for c in got for lp in c.logprobs)
 
 
 def test_bad_linear_backend_is_a_clear_error(qwen2):

@@ -14,6 +14,8 @@ from kernels.linear import (
 )
 
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="torch has no oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_available(torch.bfloat16),
+                                       reason="oneDNN has no bfloat16 path on this CPU")
 
 
 def _bound(x, w, eps):
@@ -40,8 +42,8 @@ def test_onednn_float32_matches_reference(rows, out_features, in_features, bias)
     assert (got - ref).abs().max().item() <= 2 * _bound(x, w, 2 ** -23)
 
 
-@needs_onednn
-def test_onednn_bfloat16_and_batched_and_strided_inputs():
+@needs_onednn_bf16
+def test_onednn_bfloat16_matches_reference():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 32, generator=g)
     lin = OneDNNLinear()
@@ -50,6 +52,13 @@ def test_onednn_bfloat16_and_batched_and_strided_inputs():
     exact = linear_ref(xb.float(), wb.float())
     assert got.dtype == torch.bfloat16
     assert (got.float() - exact).abs().max().item() <= _bound(xb.float(), wb.float(), 2 ** -8)
+
+
+@needs_onednn
+def test_onednn_batched_and_strided_inputs():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 32, generator=g)
+    lin = OneDNNLinear()
     x3 = torch.randn(2, 3, 32, generator=g)  # leading batch dims
     torch.testing.assert_close(lin(x3, lin.pack(w)), linear_ref(x3, w), rtol=1e-5, atol=1e-5)
     xs = torch.randn(6, 64, generator=g)[:, ::2]  # non-contiguous rows
@@ -89,3 +98,19 @@ def test_auto_choice():
     expected = "onednn" if onednn_available() else "torch"
     assert default_linear_backend(cpu, torch.float32) == expected
     assert make_linear("auto", cpu, torch.float32).name == expected
+    bf16 = "onednn" if onednn_available(torch.bfloat16) else "torch"
+    assert make_linear("auto", cpu, torch.bfloat16).name == bf16
+
+
+def test_a_cpu_without_onednns_bfloat16_path_gets_torch_or_a_clear_error(monkeypatch):
+    """An AVX2-only CPU (AMD EPYC here) has oneDNN float32 but no bfloat16 linear: 'auto'
+    must not pick it (the engine crashed while packing its weights), 'onednn' says why."""
+    import kernels.linear as linear
+
+    monkeypatch.setattr(linear, "onednn_available", lambda dtype=torch.float32:
+                        dtype == torch.float32)
+    cpu = torch.device("cpu")
+    assert make_linear("auto", cpu, torch.bfloat16).name == "torch"
+    assert make_linear("auto", cpu, torch.float32).name == "onednn"
+    with pytest.raises(ValueError, match="bfloat16 linear does not work.*use 'torch'"):
+        make_linear("onednn", cpu, torch.bfloat16)
