@@ -202,6 +202,7 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "num_mini_batches")
+        _nonnegative(self, "ref_reset_every")
         if self.train_samples_per_group < 0:
             raise ValueError("algorithm.train_samples_per_group must be >= 0 (0: all)")
         _choice(self, "old_logprobs", ("behaviour", "recompute"))
@@ -260,7 +261,12 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps", "micro_batch_size", "logprob_chunk", "lr_reference_samples")
+        _nonnegative(self, "weight_decay", "grad_clip", "warmup_steps")
         _choice(self, "schedule", ("constant", "cosine"))
+        betas = self.betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "k")  # named here: SamplingParams would call it n
+        _nonnegative(self, "every")
         _sampling("eval", self.sampling)
 
     @property
@@ -294,6 +301,10 @@ class EvalConfig:
 class VerifierConfig:
     num_workers: int = _f(2, "verifier processes (0: in-process, no timeouts)")
     timeout_s: float = _f(10.0, "per-sample verifier timeout")
+
+    def __post_init__(self) -> None:
+        _positive(self, "timeout_s")
+        _nonnegative(self, "num_workers")
 
 
 @dataclass(frozen=True)
@@ -386,6 +397,12 @@ def _positive(obj, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ValueError(f"{_key(obj, name)} must be > 0, got {getattr(obj, name)}")
+
+
+def _nonnegative(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{_key(obj, name)} must be >= 0, got {getattr(obj, name)}")
 
 
 def _stop(stop: list | None) -> dict:

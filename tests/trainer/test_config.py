@@ -63,6 +63,16 @@ def test_unknown_key_in_yaml_file_is_an_error(tmp_path):
     ("model.dtype=fp16", "model.dtype must be one of float32, float16, bfloat16"),
     ("output_dir=", "output_dir is empty"), ("rollout.stop=3", "must be list or str"),
     ("rollout=3", "rollout is a section: set rollout.<key>=value"),
+    # before, accepted at load: failing after the warm start, or running with odd meanings
+    ("verifier.timeout_s=0", "verifier.timeout_s must be > 0"),
+    ("verifier.num_workers=-1", "verifier.num_workers must be >= 0"),
+    ("optim.betas=[2,3]", r"optim.betas must be two numbers in \[0, 1\)"),
+    ("optim.betas=[0.9]", "optim.betas must be two numbers"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+    ("eval.every=-1", "eval.every must be >= 0"),  # step % -1 == 0: every step
+    ("algorithm.ref_reset_every=-2", "algorithm.ref_reset_every must be >= 0"),
 ])
 def test_bad_values_raise_naming_the_key(override, match):
     with pytest.raises(ValueError, match=match):
