@@ -11,6 +11,7 @@ import torch
 from engine.kv_pool import KVPool
 from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
 from kernels.extend_attention import extend_attention_ref
+from kernels.triton_common import interpreted
 
 
 @dataclass
@@ -154,4 +155,7 @@ def make_backend(name: str, kv: KVPool, scale: float, cascade: bool, device: tor
         name = _auto(kv, device)
     if name == "numba" and (device.type != "cpu" or kv.k.dtype != torch.float32):
         raise ValueError("the numba attention backend runs float32 on CPU only")
+    if name == "triton" and device.type != "cuda" and not interpreted():
+        raise ValueError(f"the triton attention backend needs a CUDA device, got {device} "
+                         "(on CPU only under TRITON_INTERPRET=1, for tests)")
     return _resolve(name)(kv, scale, cascade)

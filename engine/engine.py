@@ -46,6 +46,10 @@ class Engine:
         self.model_config = dataclasses.replace(config, eos_token_ids=with_tokenizer_eos(
             config.eos_token_ids, self.tokenizer))
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: " + (
+                "this torch is a CPU build" if torch.version.cuda is None
+                else "no CUDA GPU is visible") + '; use device="cpu"')
         tdtype = getattr(torch, dtype)
         self.model = DecoderLM(self.model_config, self.device, tdtype,
                                self.config.linear_backend)

@@ -271,6 +271,17 @@ def test_unknown_model_type_and_backend_raise(tmp_path, qwen2):
         Engine(qwen2[0], attention_backend="nope", max_kv_tokens=64)
 
 
+def test_a_device_or_backend_this_machine_cannot_run_fails_at_construction(qwen2,
+                                                                         monkeypatch):
+    """Not at the first generate (triton on CPU), nor as torch's AssertionError (cuda)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton attention backend needs a CUDA device"):
+        Engine(qwen2[0], attention_backend="triton", max_kv_tokens=64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda'.*use device=\"cpu\""):
+        Engine(qwen2[0], device="cuda", max_kv_tokens=64)
+
+
 def test_decode_time_splits_into_model_sampler_and_host(qwen2):
     """stats() accounts each decode step: its host part (everything outside the model and
     the sampling kernel) is positive and smaller than the whole step."""
