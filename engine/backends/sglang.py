@@ -9,8 +9,13 @@ done its part: the rendezvous, then one broadcast per tensor from rank 0 in mani
 on a torch process group that SGLang builds itself (SGLang's per-tensor protocol, not our
 byte buckets). The trainer's half is `trainer.weight_sync.sglang.SGLangSender`, which runs
 these calls in threads while it joins and broadcasts. SGLang checks no name or shape
-before it receives; a failed update may leave its weights partly updated (re-sync or
-rebuild it), and `policy_version` is not bumped.
+before it receives, and many of its models' loaders skip a name they do not know with a
+log line and answer success: `check_manifest` checks names and shapes against the local
+checkpoint first. A failed update may leave SGLang's weights partly updated (re-sync or
+rebuild it), and `policy_version` is not bumped. Every call into the SGLang engine holds
+one lock: sglang.Engine runs each call on its own event loop, which two threads cannot
+share (a generate during a sync waits for the sync). Needs an SGLang from mid-2025 on
+(`group_name` in update_weights_from_distributed, SGLang PR 7292).
 
 sglang is imported only when an `SGLangEngine` is built without an engine object.
 
@@ -27,6 +32,7 @@ under top_p, and SGLANG_RETURN_ORIGINAL_LOGPROB=1 gives temperature-1 ones: ther
 from __future__ import annotations
 
 import os
+import threading
 
 from engine.inputs import normalize_params, normalize_prompts
 from engine.outputs import CompletionOutput, RequestOutput
@@ -111,6 +117,8 @@ class SGLangEngine:
             if os.path.isfile(os.path.join(model, "config.json")) else (), self.tokenizer)
         self.policy_version = 0
         self._group = None
+        self._lock = threading.Lock()
+        self._shapes: dict | None | bool = False  # the checkpoint's, read on first use
 
     def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -124,8 +132,10 @@ class SGLangEngine:
         for i, p in zip(ids, params):
             flat_ids += [i] * p.n
             flat_params += [to_sglang_params(p)] * p.n
-        results = self._engine.generate(input_ids=flat_ids, sampling_params=flat_params,
-                                        return_logprob=True)
+        with self._lock:  # logprob_start_len -1: output tokens only (older SGLang's 0
+            # also scores the prompt and caps the prefix cache's reuse at that length)
+            results = self._engine.generate(input_ids=flat_ids, sampling_params=flat_params,
+                                            return_logprob=True, logprob_start_len=-1)
         if len(results) != len(flat_ids):
             raise RuntimeError(f"SGLang returned {len(results)} results for "
                                f"{len(flat_ids)} requests")
@@ -150,37 +160,96 @@ class SGLangEngine:
         return list(self.tokenizer(text)["input_ids"])
 
     # -- weight sync ---------------------------------------------------------------
+    def num_sync_ranks(self) -> int:
+        """The ranks this engine puts in a weight-update group: its tensor-parallel size
+        (SGLang's rank is rank_offset + tp_rank). Pipeline parallelism and plain data
+        parallelism are refused: SGLang's rank formula ignores pp_rank, and it refuses
+        dp_size > 1 without DP attention."""
+        args = getattr(self._engine, "server_args", None)
+        if args is None:  # an engine that does not say: one rank
+            return 1
+        if getattr(args, "pp_size", 1) > 1:
+            raise ValueError(f"SGLang weight sync with pp_size={args.pp_size}: SGLang's "
+                             "update group ranks ignore the pipeline stage; use pp_size=1")
+        if getattr(args, "dp_size", 1) > 1 and not getattr(args, "enable_dp_attention", False):
+            raise ValueError(f"SGLang weight sync with dp_size={args.dp_size}: SGLang "
+                             "refuses it without enable_dp_attention; run one engine per "
+                             "data-parallel replica")
+        return int(getattr(args, "tp_size", 1))
+
+    def check_manifest(self, manifest) -> None:
+        """Raises ValueError unless every tensor of `manifest` is one of the local
+        checkpoint's, with its shape (dtypes may differ: SGLang casts while loading).
+        A model SGLang fetched itself (no local checkpoint) is not checked."""
+        if self._shapes is False:
+            from engine.models.weights import checkpoint_shapes
+
+            try:
+                self._shapes = checkpoint_shapes(self.model_path)
+            except (FileNotFoundError, OSError):
+                self._shapes = None
+        if not self._shapes:
+            return
+        shapes = dict(self._shapes)
+        if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
+            shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]  # tied
+        unknown = [e.name for e, _ in manifest.entries() if e.name not in shapes]
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ValueError(f"{len(unknown)} tensor(s) are not in {self.model_path}'s "
+                             f"checkpoint: {unknown[:5]}{more} (a wrapper's prefix such as "
+                             "'module.' or '_orig_mod.'? SGLang would skip them and answer "
+                             "success)")
+        for e, _ in manifest.entries():
+            if tuple(e.shape) != tuple(shapes[e.name]):
+                raise ValueError(f"tensor {e.name!r} has shape {tuple(e.shape)}; the "
+                                 f"checkpoint's is {tuple(shapes[e.name])}")
+
     def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
                          group_name: str = "brorl_weight_sync", backend: str = "nccl") -> None:
         """Joins the trainer's weight-sync group (the trainer is rank 0; this engine's
         ranks are rank_offset + its tensor-parallel ranks). Blocks until every rank has
         joined; SGLang's failure answer is raised."""
-        result = self._engine.init_weights_update_group(
-            master_address=host, master_port=port, rank_offset=rank_offset,
-            world_size=world_size, group_name=group_name, backend=backend)
+        with self._lock:
+            result = self._engine.init_weights_update_group(
+                master_address=host, master_port=port, rank_offset=rank_offset,
+                world_size=world_size, group_name=group_name, backend=backend)
         _check_ok(result, "init_weights_update_group")
         self._group = group_name
 
-    def apply_manifest(self, manifest) -> None:
-        """Receives one sync described by a weight-sync `Manifest`: SGLang allocates each
-        tensor from the manifest, receives its broadcast, then loads them all and flushes
-        its cache. Blocks until the trainer has broadcast every tensor."""
+    def apply_manifest(self, manifest, last: bool = True) -> None:
+        """Receives the tensors of a weight-sync `Manifest`: SGLang allocates each one,
+        receives its broadcast, then loads them all. A sync may come as several manifests
+        (SGLang holds one call's tensors at once); the `last` one flushes SGLang's cache
+        and sets `policy_version`. Blocks until the trainer has broadcast every tensor."""
         if self._group is None:
             raise RuntimeError("call init_weight_sync before apply_manifest")
         entries = manifest.entries()
-        result = self._engine.update_weights_from_distributed(
-            names=[e.name for e, _ in entries], dtypes=[d for _, d in entries],
-            shapes=[list(e.shape) for e, _ in entries], group_name=self._group,
-            flush_cache=True)
+        with self._lock:
+            result = self._engine.update_weights_from_distributed(
+                names=[e.name for e, _ in entries], dtypes=[d for _, d in entries],
+                shapes=[list(e.shape) for e, _ in entries], group_name=self._group,
+                flush_cache=last)
         _check_ok(result, "update_weights_from_distributed")
-        self.policy_version = manifest.version
+        if last:
+            self.policy_version = manifest.version
+
+    def close_weight_sync(self) -> None:
+        """Has SGLang drop its end of the weight-update group (its communicator), where
+        the SGLang version can (destroy_weights_update_group)."""
+        group, self._group = self._group, None
+        if group is not None and hasattr(self._engine, "destroy_weights_update_group"):
+            with self._lock:
+                result = self._engine.destroy_weights_update_group(group_name=group)
+            _check_ok(result, "destroy_weights_update_group")
 
     def update_weights(self, named_tensors, version: int | None = None) -> None:
         """In-process update (SGLang's update_weights_from_tensor), flushing its cache."""
         items = list(named_tensors.items()) if hasattr(named_tensors, "items") \
             else list(named_tensors)
-        result = self._engine.update_weights_from_tensor(named_tensors=items,
-                                                         flush_cache=True)
+        with self._lock:
+            result = self._engine.update_weights_from_tensor(named_tensors=items,
+                                                             flush_cache=True)
         _check_ok(result, "update_weights_from_tensor")
         self.policy_version = self.policy_version + 1 if version is None else int(version)
 
@@ -190,7 +259,8 @@ class SGLangEngine:
     def shutdown(self) -> None:
         """Stops the SGLang engine (its scheduler and detokenizer processes)."""
         if hasattr(self._engine, "shutdown"):
-            self._engine.shutdown()
+            with self._lock:
+                self._engine.shutdown()
 
 
 def _check_ok(result, what: str) -> None:

@@ -114,19 +114,34 @@ def validate_named_tensors(slots: dict[str, ParamSlot],
     return checked
 
 
+def _checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return ["model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors (or index) in checkpoint {path!r}")
+
+
+def checkpoint_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in a safetensors checkpoint, from the file headers
+    alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    out = {}
+    for fname in _checkpoint_files(path):
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            for name in f.keys():
+                out[name] = tuple(f.get_slice(name).get_shape())
+    return out
+
+
 def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs from model.safetensors or a sharded safetensors index."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors (or index) in checkpoint {path!r}")
-    for fname in files:
+    for fname in _checkpoint_files(path):
         with safe_open(os.path.join(path, fname), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name)

@@ -23,7 +23,8 @@ class FakeSGLang:
         self.matched = matched
         self.update_result = update_result
 
-    def generate(self, input_ids, sampling_params, return_logprob):
+    def generate(self, input_ids, sampling_params, return_logprob, logprob_start_len=0):
+        assert logprob_start_len == -1  # output tokens only: the prompt is not scored
         self.calls.append(("generate", input_ids, sampling_params, return_logprob))
         out = []
         for r, sp in enumerate(sampling_params):
@@ -175,3 +176,82 @@ def test_a_failed_update_is_an_error_and_keeps_the_version(qwen2):
 def test_without_sglang_the_error_says_what_to_install(qwen2):
     with pytest.raises(ImportError, match="pip install"):
         SGLangEngine(qwen2[0])
+
+
+def test_sync_ranks_follow_sglangs_tensor_parallel_size_and_refuse_other_layouts(qwen2):
+    from types import SimpleNamespace
+
+    fake = FakeSGLang()
+    eng = SGLangEngine(qwen2[0], engine=fake)
+    assert eng.num_sync_ranks() == 1  # an engine that does not say
+    fake.server_args = SimpleNamespace(tp_size=4, pp_size=1, dp_size=1)
+    assert eng.num_sync_ranks() == 4
+    fake.server_args = SimpleNamespace(tp_size=2, pp_size=2, dp_size=1)
+    with pytest.raises(ValueError, match="pp_size=2"):
+        eng.num_sync_ranks()
+    fake.server_args = SimpleNamespace(tp_size=2, pp_size=1, dp_size=2,
+                                       enable_dp_attention=False)
+    with pytest.raises(ValueError, match="dp_size=2"):
+        eng.num_sync_ranks()
+
+
+def test_check_manifest_refuses_names_and_shapes_the_checkpoint_lacks(qwen2, tmp_path):
+    eng = SGLangEngine(qwen2[0], engine=FakeSGLang())
+    named = list(qwen2[1].named_parameters())
+    eng.check_manifest(plan_buckets(named, 1 << 20, version=1))
+    eng.check_manifest(plan_buckets(named[:3], 1 << 20, version=1))  # a partial update
+    prefixed = [("_orig_mod." + n, p) for n, p in named]
+    with pytest.raises(ValueError, match=f"{len(named)} tensor.*_orig_mod.*and .* more"):
+        eng.check_manifest(plan_buckets(prefixed, 1 << 20, version=1))
+    wrong = [(n, torch.zeros(2)) if n == "model.norm.weight" else (n, p) for n, p in named]
+    with pytest.raises(ValueError, match="'model.norm.weight' has shape"):
+        eng.check_manifest(plan_buckets(wrong, 1 << 20, version=1))
+    hub = SGLangEngine(str(tmp_path / "org" / "model"), engine=FakeSGLang())
+    hub.check_manifest(plan_buckets(prefixed, 1 << 20, version=1))  # nothing to check
+
+
+def test_calls_from_two_threads_take_turns_on_the_sglang_engine(qwen2):
+    """sglang.Engine runs each call on its own event loop: a generate while a sync blocks
+    would raise "This event loop is already running"; it waits instead."""
+    import threading
+    import time
+
+    class Slow(FakeSGLang):
+        busy = False
+
+        def update_weights_from_distributed(self, **kw):
+            Slow.busy = True
+            time.sleep(0.3)
+            Slow.busy = False
+            return super().update_weights_from_distributed(**kw)
+
+        def generate(self, *args, **kwargs):
+            assert not Slow.busy, "generate overlapped a weight update"
+            return super().generate(*args, **kwargs)
+
+    eng = SGLangEngine(qwen2[0], engine=Slow())
+    eng.init_weight_sync("127.0.0.1", 1, 1, 2)
+    sync = threading.Thread(target=eng.apply_manifest,
+                            args=(plan_buckets([("a", torch.zeros(2))], 1 << 20, 1),))
+    sync.start()
+    time.sleep(0.05)
+    eng.generate([[1, 2]], SamplingParams(max_tokens=2))
+    sync.join()
+    assert eng.policy_version == 1
+
+
+def test_a_sync_in_parts_sets_the_version_and_flushes_only_at_the_last(qwen2):
+    fake = FakeSGLang()
+    eng = SGLangEngine(qwen2[0], engine=fake)
+    eng.init_weight_sync("127.0.0.1", 1, 1, 2)
+    part = plan_buckets([("a", torch.zeros(2))], 1 << 20, version=3)
+    eng.apply_manifest(part, last=False)
+    assert eng.policy_version == 0 and fake.calls[-1][1]["flush_cache"] is False
+    eng.apply_manifest(part)
+    assert eng.policy_version == 3 and fake.calls[-1][1]["flush_cache"] is True
+    fake.destroy_weights_update_group = lambda **kw: fake.calls.append(("destroy", kw)) or \
+        (True, "ok")
+    eng.close_weight_sync()
+    assert fake.calls[-1] == ("destroy", {"group_name": "brorl_weight_sync"})
+    with pytest.raises(RuntimeError, match="call init_weight_sync before"):
+        eng.apply_manifest(part)

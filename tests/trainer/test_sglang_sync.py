@@ -4,9 +4,10 @@ SGLang's ModelRunner (a group built by torch's rendezvous + PrefixStore(group_na
 _new_process_group_helper; per update, torch.empty per tensor, one async broadcast from
 rank 0 each, wait for all, then load into the model, answering (ok, message)), reached from
 this process through `SGLangEngine` over a pipe whose calls block as sglang.Engine's do.
-Over gloo: synced engines generate what transformers generates with the new weights; a load
-SGLang refuses is an error and the group stays usable; an engine that fails before it
-receives ends the sync at once; an engine killed mid-sync is a clear error."""
+Over gloo: synced engines generate what transformers generates with the new weights, over
+several SGLang calls; names SGLang's loaders would skip are refused before anything is
+sent; a load SGLang refuses is an error and the group stays usable; an engine that fails
+before it receives ends the sync at once; an engine killed mid-sync is a clear error."""
 
 import multiprocessing as mp
 import os
@@ -19,7 +20,7 @@ import torch
 from engine.backends.sglang import SGLangEngine
 from tests.engine.test_models import hf_greedy
 from tests.helpers import make_checkpoint
-from trainer.weight_sync import WeightSyncError
+from trainer.weight_sync import ManifestRefused, WeightSyncError
 from trainer.weight_sync.probe import probe_diff, trainer_logits
 from trainer.weight_sync.sglang import SGLangSender
 
@@ -32,10 +33,12 @@ class _FakeModelRunner:
     """SGLang's receiving end of a distributed weight update, over our Engine. `mode`:
     "ok"; "oom" (the first update fails allocating its third tensor, after posting two
     broadcasts, as a CUDA out-of-memory would); "die" (the process exits once three
-    tensors have arrived)."""
+    tensors have arrived); "badload" (the first update's load fails once every tensor has
+    arrived). Updates are staged and applied at the one that flushes the cache."""
 
     def __init__(self, engine, mode: str) -> None:
         self.engine, self.mode, self.groups, self.rank = engine, mode, {}, None
+        self.staged, self.updates = [], []
 
     def init_weights_update_group(self, master_address, master_port, rank_offset, world_size,
                                   group_name, backend="nccl"):
@@ -73,7 +76,14 @@ class _FakeModelRunner:
                 handle.wait()
                 if self.mode == "die" and k == 2:
                     os._exit(3)
-            self.engine.update_weights(weights)  # checks names and shapes, flushes cache
+            self.updates.append((len(names), flush_cache))
+            if self.mode == "badload":
+                self.mode = "ok"
+                raise KeyError("model.layers.0.mlp.gate_proj.weight")
+            self.staged += weights
+            if flush_cache:  # our engine takes a whole state at once
+                staged, self.staged = self.staged, []
+                self.engine.update_weights(staged)  # checks names and shapes, flushes
             return True, "Succeeded to update parameter online."
         except Exception as err:  # noqa: BLE001
             return False, (f"Failed to update parameter online: {err}. The full weights of "
@@ -85,7 +95,12 @@ class _FakeModelRunner:
 
         greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
         return {"tokens": self.engine.generate([PROMPT], greedy)[0].outputs[0].token_ids,
-                "logits": engine_logits(self.engine, PROMPT).numpy(), "rank": self.rank}
+                "logits": engine_logits(self.engine, PROMPT).numpy(), "rank": self.rank,
+                "updates": self.updates, "groups": sorted(self.groups)}
+
+    def destroy_weights_update_group(self, group_name):
+        torch.distributed.destroy_process_group(self.groups.pop(group_name))
+        return True, "Succeeded to destroy custom process group."
 
 
 def _serve(path, conn, mode, ready):
@@ -117,6 +132,9 @@ class _Client:
 
     def update_weights_from_distributed(self, **kwargs):
         return self._call("update_weights_from_distributed", **kwargs)
+
+    def destroy_weights_update_group(self, **kwargs):
+        return self._call("destroy_weights_update_group", **kwargs)
 
     def greedy(self):
         return self._call("greedy")
@@ -162,11 +180,11 @@ def _sender(engines, **kw):
 def test_two_engines_synced_by_broadcast_generate_like_transformers(qwen2, trainer_model,
                                                                     servers):
     engines = servers("ok", "ok")
-    tx = _sender(engines, max_inflight_bytes=20_000)  # waits on broadcasts along the way
+    tx = _sender(engines, bucket_bytes=20_000)  # several SGLang calls
     assert tx.world_size == 3 and tx.rank_offsets == [1, 2]
     named = list(trainer_model.named_parameters())
     stats = tx.send(named, version=5)
-    assert stats["tensors"] == len(named)
+    assert stats["tensors"] == len(named) and stats["calls"] > 2
     assert stats["bytes"] == sum(p.numel() * 4 for _, p in named)
     expected, _ = hf_greedy(trainer_model, PROMPT, MAX_NEW)
     old, _ = hf_greedy(qwen2[1], PROMPT, MAX_NEW)
@@ -177,20 +195,41 @@ def test_two_engines_synced_by_broadcast_generate_like_transformers(qwen2, train
     for e, r in zip(engines, reports):
         assert e.policy_version == 5 and r["tokens"] == expected
         assert probe_diff(torch.from_numpy(r["logits"]), want, 1e-5) < 1e-5
+        # every tensor once, in calls of at most 20 kB; only the last flushes the cache
+        assert sum(k for k, _ in r["updates"]) == len(named)
+        assert [f for _, f in r["updates"]] == [False] * (stats["calls"] - 1) + [True]
+    assert reports[0]["groups"] == [tx.group_name]
+    tx.close()  # SGLang drops its end too
+    assert all(e._engine.greedy()["groups"] == [] for e in engines)
+
+
+def test_names_sglang_would_skip_are_refused_before_anything_is_sent(trainer_model,
+                                                                      servers):
+    """Many SGLang loaders log an unknown name and answer success: a wrapper's 'module.'
+    prefix would leave the old weights in place under the new version."""
+    (engine,) = servers("ok")
+    tx = _sender([engine])
+    named = list(trainer_model.named_parameters())
+    with pytest.raises(ManifestRefused, match=r"not in .*checkpoint.*'module\.model"):
+        tx.send([("module." + n, p) for n, p in named], version=3)
+    with pytest.raises(ManifestRefused, match="model.norm.weight' has shape"):
+        tx.send([(n, p[:3] if n == "model.norm.weight" else p) for n, p in named], version=3)
+    assert engine._engine.greedy()["updates"] == [] and engine.policy_version == 0
+    tx.send(named, version=4)  # nothing was sent: the group is in step
+    assert engine.policy_version == 4
     tx.close()
 
 
 def test_a_load_sglang_refuses_is_an_error_and_the_group_stays_in_step(qwen2, trainer_model,
                                                                        servers):
-    (engine,) = servers("ok")
+    (engine,) = servers("badload")
     tx = _sender([engine])
     named = list(trainer_model.named_parameters())
-    bad = [(n + "_typo" if n == "model.norm.weight" else n, p) for n, p in named]
-    with pytest.raises(WeightSyncError, match="Failed to update parameter online.*norm"):
-        tx.send(bad, version=3)
+    with pytest.raises(WeightSyncError, match="Failed to update parameter online.*gate_proj"):
+        tx.send(named, version=3)
     assert engine.policy_version == 0
     old, _ = hf_greedy(qwen2[1], PROMPT, MAX_NEW)
-    assert engine._engine.greedy()["tokens"] == old  # our engine checked before it loaded
+    assert engine._engine.greedy()["tokens"] == old
     tx.send(named, version=4)  # every broadcast had completed: the same group still works
     assert engine._engine.greedy()["tokens"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
     assert engine.policy_version == 4
@@ -247,7 +286,7 @@ def test_a_refused_join_raises_sglangs_message_without_waiting(qwen2):
     ({"tp_sizes": [1, 2]}, "one positive int per engine"),
     ({"tp_sizes": [0]}, "one positive int per engine"),
     ({"backend": "mpi"}, "unknown backend 'mpi'"),
-    ({"timeout_s": 0}, "must be > 0"),
+    ({"timeout_s": 0}, "must be > 0"), ({"bucket_bytes": 0}, "must be > 0"),
     ({"dtype": "int8"}, "unknown dtype 'int8'"),
 ])
 def test_bad_arguments_are_refused_before_anything_joins(qwen2, kwargs, match):

@@ -14,9 +14,20 @@ may leave it partly updated (sync again or rebuild it).
 Both SGLang calls block until the trainer has done its part, so this sender runs them in
 threads while it joins and broadcasts. It watches those threads while it waits: an engine
 that answers with a failure ends the sync at once with SGLang's message, not at the timeout.
-A sync that failed before every broadcast completed leaves the group out of step; the
-sender then refuses further syncs (close it and build a new one: its group has a new name).
+Before anything is sent, each engine checks the names and shapes against its checkpoint
+(`SGLangEngine.check_manifest`): many SGLang loaders skip an unknown name and answer
+success. A sync goes as one SGLang call per bucket of at most `bucket_bytes`, since SGLang
+allocates all of a call's tensors before it loads any; the last call flushes its cache.
 The trainer's tensors are only read.
+
+A sync that failed before every broadcast completed leaves the group out of step; the
+sender then refuses further syncs. Over gloo, close it and build a new one (its group has a
+new name). Over NCCL the SGLang ranks are then stuck in their receives until NCCL's own
+timeout: restart the engines. NCCL also needs the trainer and each SGLang rank on
+different GPUs (SGLang's `base_gpu_id`), and SGLang's own test of this update sets
+NCCL_CUMEM_ENABLE=0 and NCCL_NVLS_ENABLE=0 in the trainer. SGLang waits for its running
+requests before it receives, so send when no generate is in flight (the trainer's loop
+does): the timeout counts from each broadcast.
 """
 
 from __future__ import annotations
@@ -32,8 +43,14 @@ from datetime import timedelta
 import torch
 
 from trainer.weight_sync.channel import free_port
-from trainer.weight_sync.protocol import WeightSyncError, dtype_of, named_list, plan_buckets
-from trainer.weight_sync.sync import DEFAULT_BUCKET_BYTES
+from trainer.weight_sync.protocol import (
+    Manifest,
+    WeightSyncError,
+    dtype_of,
+    named_list,
+    plan_buckets,
+)
+from trainer.weight_sync.sync import DEFAULT_BUCKET_BYTES, ManifestRefused
 
 log = logging.getLogger("brorl")
 BACKENDS = ("nccl", "gloo")
@@ -87,34 +104,35 @@ class SGLangSender:
     anything with their `init_weight_sync` and `apply_manifest`). Building it joins the
     group: every engine's join runs beside ours and it returns once all have joined.
 
-    `tp_sizes`: each engine's tensor-parallel size (its number of ranks; default 1 each).
-    `backend`: "nccl" (GPU tensors; SGLang's default) or "gloo" (CPU). `dtype` (e.g.
-    "bfloat16") casts each tensor as it is sent, so float32 master weights travel at the
-    engine's precision. `max_inflight_bytes` bounds the tensors cast or copied for sending
-    that are held at once. `timeout_s` bounds each wait (the join, each broadcast, each
-    engine's answer)."""
+    `tp_sizes`: each engine's number of ranks (default: its `num_sync_ranks()`, SGLang's
+    tensor-parallel size). `backend`: "nccl" (GPU tensors; SGLang's default) or "gloo"
+    (CPU). `dtype` (e.g. "bfloat16") casts each tensor as it is sent, so float32 master
+    weights travel, and are held by SGLang while it receives, at the engine's precision.
+    `bucket_bytes` bounds one SGLang call's tensors (and what this side holds cast for
+    sending). `timeout_s` bounds each wait (the join, each broadcast, each answer)."""
 
     def __init__(self, engines, *, host: str = "127.0.0.1", port: int = 0,
                  tp_sizes: list[int] | None = None, backend: str = "nccl",
                  group_name: str | None = None, timeout_s: float = 300.0,
                  dtype: str | None = None, device=None,
-                 max_inflight_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
         self.engines = list(engines)
         if not self.engines:
             raise ValueError("SGLangSender needs at least one engine")
-        tp_sizes = [1] * len(self.engines) if tp_sizes is None else list(tp_sizes)
+        tp_sizes = [e.num_sync_ranks() if hasattr(e, "num_sync_ranks") else 1
+                    for e in self.engines] if tp_sizes is None else list(tp_sizes)
         if len(tp_sizes) != len(self.engines) or any(
                 not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in tp_sizes):
             raise ValueError(f"tp_sizes must be one positive int per engine "
                              f"({len(self.engines)}), got {tp_sizes}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; supported: {', '.join(BACKENDS)}")
-        if timeout_s <= 0 or max_inflight_bytes <= 0:
-            raise ValueError(f"timeout_s and max_inflight_bytes must be > 0, got "
-                             f"{timeout_s} and {max_inflight_bytes}")
+        if timeout_s <= 0 or bucket_bytes <= 0:
+            raise ValueError(f"timeout_s and bucket_bytes must be > 0, got {timeout_s} and "
+                             f"{bucket_bytes}")
         if dtype is not None:
             dtype_of(dtype)
-        self.dtype, self.timeout_s, self.max_inflight_bytes = dtype, timeout_s, max_inflight_bytes
+        self.dtype, self.timeout_s, self.bucket_bytes = dtype, timeout_s, int(bucket_bytes)
         self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
         self.port = port or free_port(host)
         # SGLang keeps a group's name once joined: a fresh name per sender lets a new
@@ -142,8 +160,9 @@ class SGLangSender:
     def send(self, named, version: int) -> dict:
         """One sync of `named` (a mapping or (name, tensor) pairs) as policy `version`:
         every engine receives every tensor and loads them; returns once all have answered.
-        Raises WeightSyncError naming the engine and SGLang's message, or the transport's
-        error (an engine gone or stalled past the timeout)."""
+        Raises ManifestRefused before anything is sent when an engine's checkpoint has no
+        such tensor or shape; WeightSyncError naming the engine and SGLang's message, or
+        the transport's error (an engine gone or stalled past the timeout)."""
         if self._group is None or self._broken:
             raise WeightSyncError(f"this SGLangSender cannot sync: {self._broken or 'closed'}"
                                   "; close it and build a new SGLangSender")
@@ -152,35 +171,46 @@ class SGLangSender:
         sizes = [(n, torch.empty(t.shape, device="meta",
                                  dtype=t.dtype if self.dtype is None else dtype_of(self.dtype)))
                  for n, t in items]
-        manifest = plan_buckets(sizes, 1 << 62, version)  # SGLang's order: manifest order
+        manifest = plan_buckets(sizes, self.bucket_bytes, version)
+        for i, e in enumerate(self.engines):
+            try:
+                if hasattr(e, "check_manifest"):
+                    e.check_manifest(manifest)
+            except ValueError as err:
+                raise ManifestRefused(f"SGLang engine {i} refused the weights before any "
+                                      f"was sent: {err}") from err
         tensors = dict(items)
-        calls = [_Call(f"engine {i} apply_manifest", e.apply_manifest, manifest)
+        for k, bucket in enumerate(manifest.buckets):
+            last = k == len(manifest.buckets) - 1
+            self._send_call(Manifest(version, (bucket,)), tensors, last)
+        return {"bytes": manifest.num_bytes, "tensors": len(tensors),
+                "calls": len(manifest.buckets), "seconds": time.perf_counter() - start}
+
+    def _send_call(self, part: Manifest, tensors: dict, last: bool) -> None:
+        """One SGLang call per engine for the tensors of `part`, while this side
+        broadcasts them in its order."""
+        calls = [_Call(f"engine {i} apply_manifest", e.apply_manifest, part, last)
                  for i, e in enumerate(self.engines)]
         pending: deque = deque()
-        inflight = 0
         try:
-            for entry, dtype in manifest.entries():
+            for entry, dtype in part.entries():
                 t = tensors[entry.name].to(self.device, dtype_of(dtype)).contiguous()
                 work = torch.distributed.broadcast(t, src=0, group=self._group, async_op=True)
                 pending.append((work, t, entry.name))
-                inflight += t.numel() * t.element_size()
-                while pending and inflight > self.max_inflight_bytes:
-                    inflight -= self._wait(pending.popleft(), calls)
             while pending:
                 self._wait(pending.popleft(), calls)
         except BaseException as err:
             self._broken = f"a sync failed before every broadcast completed ({err})"
             if isinstance(err, WeightSyncError):
                 raise
-            raise WeightSyncError(f"SGLang weight sync (version {version}): {err}") from err
+            raise WeightSyncError(f"SGLang weight sync (version {part.version}): "
+                                  f"{err}") from err
         # every tensor reached every rank: the group stays in step even if a load fails
-        self._finish(calls, f"SGLang's update to version {version}")
-        return {"bytes": manifest.num_bytes, "tensors": len(tensors),
-                "seconds": time.perf_counter() - start}
+        self._finish(calls, f"SGLang's update to version {part.version}")
 
-    def _wait(self, item, calls: list[_Call]) -> int:
+    def _wait(self, item, calls: list[_Call]) -> None:
         """Waits for one broadcast, failing early when an engine has answered with an
-        error; returns the bytes it held."""
+        error."""
         work, t, name = item
         deadline = time.monotonic() + self.timeout_s
         while not work.is_completed():
@@ -195,7 +225,6 @@ class SGLangSender:
             _raise_failed(calls)
             raise WeightSyncError(f"broadcast of {name!r} failed: an SGLang rank is gone "
                                   f"({err})") from err
-        return t.numel() * t.element_size()
 
     def _finish(self, calls: list[_Call], what: str) -> None:
         """Waits for every call, raising the first failure (SGLang's message) at once."""
@@ -209,7 +238,15 @@ class SGLangSender:
         _raise_failed(calls, what)
 
     def close(self) -> None:
-        """Leaves the group (SGLang keeps its end until it is rebuilt). Idempotent."""
+        """Has each engine drop its end of the group (where its SGLang can; not after a
+        failed sync, whose engines may be stuck receiving) and leaves it. Idempotent."""
+        if self._group is not None and not self._broken:
+            calls = [_Call(f"engine {i} close_weight_sync", e.close_weight_sync)
+                     for i, e in enumerate(self.engines) if hasattr(e, "close_weight_sync")]
+            try:
+                self._finish(calls, "closing SGLang's weight-update group")
+            except WeightSyncError as err:
+                log.warning("%s", err)
         if self._group is not None:
             try:
                 torch.distributed.destroy_process_group(self._group)
