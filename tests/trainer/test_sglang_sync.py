@@ -103,11 +103,43 @@ class _FakeModelRunner:
         return True, "Succeeded to destroy custom process group."
 
 
+def _http_front(runner) -> int:
+    """SGLang's HTTP API over `runner` in this process (a thread per request, as SGLang
+    answers: 200 or 400 with {"success", "message"}); returns the port."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._answer(200, {"tp_size": 1, "pp_size": 1, "dp_size": 1})
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ok, message = getattr(runner, self.path.strip("/"))(**body)
+            self._answer(200 if ok else 400, {"success": ok, "message": message})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd.server_address[1]
+
+
 def _serve(path, conn, mode, ready):
     torch.set_num_threads(1)
     from engine import Engine
 
     runner = _FakeModelRunner(Engine(path, page_size=4, max_kv_tokens=1024), mode)
+    conn.send(_http_front(runner))
     ready.set()
     while True:
         method, kwargs = conn.recv()
@@ -122,6 +154,7 @@ class _Client:
 
     def __init__(self, conn) -> None:
         self.conn = conn
+        self.http_port = conn.recv()
 
     def _call(self, method, **kwargs):
         self.conn.send((method, kwargs))
@@ -145,7 +178,9 @@ def servers(qwen2):
     """start(*modes) -> one SGLangEngine per mode, each over its own server process."""
     ctx, procs = mp.get_context("spawn"), []
 
-    def start(*modes):
+    def start(*modes, http=False):
+        """http: the engines reach their servers over SGLang's HTTP API (SGLangServer)
+        for the weight calls; the fake's own checks still go through the pipe."""
         out = []
         for mode in modes:
             here, there = ctx.Pipe()
@@ -157,7 +192,15 @@ def servers(qwen2):
             out.append((ready, SGLangEngine(qwen2[0], engine=_Client(here))))
         for ready, _ in out:
             assert ready.wait(120), "a fake SGLang server did not start"
-        return [eng for _, eng in out]
+        engines = [eng for _, eng in out]
+        if http:
+            from engine.backends.sglang_http import SGLangServer
+
+            for eng in engines:
+                client = eng._engine
+                eng._engine = SGLangServer(f"http://127.0.0.1:{client.http_port}")
+                eng._engine.greedy = client.greedy
+        return engines
 
     yield start
     for proc, conn in procs:
@@ -201,6 +244,19 @@ def test_two_engines_synced_by_broadcast_generate_like_transformers(qwen2, train
     assert reports[0]["groups"] == [tx.group_name]
     tx.close()  # SGLang drops its end too
     assert all(e._engine.greedy()["groups"] == [] for e in engines)
+
+
+def test_a_sync_through_sglangs_http_api_generates_like_transformers(trainer_model,
+                                                                     servers):
+    (engine,) = servers("ok", http=True)
+    assert engine.num_sync_ranks() == 1  # from GET /get_server_info
+    tx = _sender([engine], bucket_bytes=50_000)
+    named = list(trainer_model.named_parameters())
+    assert tx.send(named, version=7)["calls"] > 1
+    assert engine.policy_version == 7
+    assert engine._engine.greedy()["tokens"] == hf_greedy(trainer_model, PROMPT, MAX_NEW)[0]
+    tx.close()
+    assert engine._engine.greedy()["groups"] == []  # POST /destroy_weights_update_group
 
 
 def test_names_sglang_would_skip_are_refused_before_anything_is_sent(trainer_model,
