@@ -1,6 +1,8 @@
 """The embedded BroRL loop: engine and trainer in one process on one device. Each step:
 rollouts (N samples per prompt, dynamic sampling) -> advantages + clipped policy update ->
-in-process weight sync (`Engine.update_weights`) -> metrics, periodic eval, checkpoint.
+in-process weight sync (the protocol's InProcessSender, then `Engine.update_weights`;
+skipped when no group was kept, as the weights did not change) -> metrics, periodic eval,
+checkpoint.
 
 With a data-parallel group (trainer/parallel.py, the Ray launcher's ray.num_trainers > 1)
 every trainer rank runs this loop on an FSDP2 shard of the policy: rank 0 alone holds the
@@ -46,7 +48,7 @@ from trainer.rollout import collect_rollouts
 from trainer.run_state import claim_run_dir, restore_run, save_interrupted, save_run
 from trainer.update import policy_update
 from trainer.verifiers import VerifierPool
-from trainer.weight_sync import WeightSyncError
+from trainer.weight_sync import InProcessSender, WeightSyncError
 from trainer.weight_sync.probe import probe_check
 
 log = logging.getLogger("brorl")
@@ -193,14 +195,16 @@ def train_step(run: Run) -> dict:
         metrics.update(policy_update(run.model, run.optimizer, run.scheduler, groups, cfg,
                                      run.pad_id, run.ref_model, gen, run.dp))
     elif run.dp.is_main:
-        log.warning("step %d: every group had equal rewards; no update", step)
+        log.warning("step %d: every group had equal rewards; no update (the engine keeps "
+                    "policy version %d)", step, run.engine.policy_version)
     a = cfg.algorithm  # before the sync: a checkpoint of a failed sync holds the reset
     if a.ref_reset_every and run.ref_model is not None and step % a.ref_reset_every == 0:
         run.ref_model.load_state_dict(run.model.state_dict())
         if a.reset_optimizer_on_ref_reset:
             run.optimizer.state.clear()
         metrics["train/ref_reset"] = 1
-    metrics.update(sync_weights(run, step, metrics, start))
+    if groups:  # no update: the engine already holds these weights (and keeps its cache)
+        metrics.update(sync_weights(run, step, metrics, start))
     run.step = step
     run.elapsed_s += time.perf_counter() - start
     metrics["elapsed_s"] = run.elapsed_s
@@ -235,7 +239,7 @@ def sync_weights(run: Run, step: int, metrics: dict | None = None,
     t0 = time.perf_counter()
     named = full_state(run.model, run.dp)  # collective when sharded; empty off rank 0
     try:
-        on_main(lambda: run.engine.update_weights(list(named.items()), version=step), run.dp)
+        on_main(lambda: _send(run.engine, named, step), run.dp)
     except (WeightSyncError, MainRankError) as err:
         # rank 0 holds the error itself, the other ranks its type's name: every rank must
         # decide alike, since the checkpoint below is a collective
@@ -266,6 +270,16 @@ def sync_weights(run: Run, step: int, metrics: dict | None = None,
         out["weight_sync/probe_max_abs_diff"] = probe_check(
             run.engine, model, run.cfg.model.dtype, r.weight_sync_probe_threshold)
     return out
+
+
+def _send(engine, named: dict, step: int) -> None:
+    """Our own engine gets the weights through the protocol's in-process sender, which
+    checks them as a receiver checks a manifest (every tensor, its shape, a version that
+    does not go back) before changing anything; a Ray launcher's engine has its own."""
+    if isinstance(engine, Engine):
+        InProcessSender(engine).send(named, step)
+    else:
+        engine.update_weights(list(named.items()), version=step)
 
 
 def _log_eval(run: Run, step: int, metrics: dict) -> None:

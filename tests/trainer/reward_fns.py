@@ -19,3 +19,8 @@ def char_hash(item: VerifyItem) -> float:
 def ends_with_equals(item: VerifyItem) -> float:
     """1 when the response text ends with '=' (a stop string the test sets)."""
     return float(item.response.endswith("="))
+
+
+def constant_half(item: VerifyItem) -> float:
+    """0.5 for every response: every group's rewards are equal (none is kept)."""
+    return 0.5

@@ -80,6 +80,47 @@ def test_two_steps_update_weights_and_keep_engine_in_sync(tiny_policy, tmp_path)
         run.metrics.close()
 
 
+def test_a_step_without_an_update_keeps_the_engines_weights_version_and_cache(
+        tiny_policy, tmp_path, caplog):
+    run = setup(_cfg(tiny_policy, tmp_path / "run", **{
+        "data.verifier": "tests.trainer.reward_fns:constant_half"}), None)
+    try:
+        cached = run.engine.stats()["cached_pages"]
+        m = train_step(run)
+        assert m["rollout/groups_kept"] == 0 and "weight_sync/seconds" not in m
+        assert "no update (the engine keeps policy version 0)" in caplog.text
+        stats = run.engine.stats()
+        assert stats["policy_version"] == 0 and stats["cached_pages"] > cached  # not flushed
+    finally:
+        run.pool.close()
+        run.metrics.close()
+
+
+def test_the_embedded_sync_refuses_a_partial_state_and_changes_nothing(tiny_policy, tmp_path,
+                                                                        monkeypatch):
+    """Through the protocol's check (Engine.update_weights alone would apply the part)."""
+    from trainer.weight_sync import ManifestRefused
+
+    run = setup(_cfg(tiny_policy, tmp_path / "run"), None)
+    full = loop.full_state
+    monkeypatch.setattr(loop, "full_state", lambda model, dp: dict(
+        list(full(model, dp).items())[1:]))
+    from engine import SamplingParams
+
+    def sample():
+        out = run.engine.generate([[5, 6, 7]], SamplingParams(n=2, max_tokens=4, seed=1))
+        return [(c.token_ids, c.logprobs) for c in out[0].outputs]
+
+    try:
+        before = sample()
+        with pytest.raises(ManifestRefused, match="missing parameters"):
+            train_step(run)
+        assert run.engine.stats()["policy_version"] == 0 and sample() == before
+    finally:
+        run.pool.close()
+        run.metrics.close()
+
+
 def test_a_reference_reset_without_kl_is_warned_about(tiny_policy, tmp_path, caplog):
     run = setup(_cfg(tiny_policy, tmp_path / "run", **{"algorithm.ref_reset_every": 5}), None)
     try:
