@@ -26,7 +26,7 @@ from kernels.triton_common import check_device, dot_precision, interpreted
 
 @triton.jit
 def _token_stats_kernel(h, w, bias, tgt, out_m, out_l, out_q, out_t, T, V, Hd, split_len,
-                        inv_temp, s_h, s_w, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
+                        temp, s_h, s_w, HAS_BIAS: tl.constexpr, ROUND: tl.constexpr,
                         BLOCK_T: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         PRECISION: tl.constexpr):
@@ -57,7 +57,7 @@ def _token_stats_kernel(h, w, bias, tgt, out_m, out_l, out_q, out_t, T, V, Hd, s
             acc += tl.load(bias + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         if ROUND:  # 16-bit inputs: the logits in the input dtype, as F.linear returns them
             acc = acc.to(h.dtype.element_ty).to(tl.float32)
-        z = acc * inv_temp
+        z = tl.math.div_rn(acc, temp)  # IEEE division, as the reference and the sampler
         z = tl.where(cmask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp2((m - m_new) * 1.4426950408889634)
@@ -122,7 +122,7 @@ def token_stats_triton(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
         _token_stats_kernel[(triton.cdiv(T, bt), splits)](
             hidden, weight, bias if bias is not None else hidden,
             targets.contiguous(), part[0], part[1], part[2], part[3], T, V, Hd, split_len,
-            1.0 / temperature, hidden.stride(0), weight.stride(0), HAS_BIAS=bias is not None,
+            float(temperature), hidden.stride(0), weight.stride(0), HAS_BIAS=bias is not None,
             ROUND=hidden.dtype != torch.float32, BLOCK_T=bt, BLOCK_V=bv, BLOCK_H=bh,
             PRECISION=dot_precision(hidden.dtype),
             num_warps=warps, num_stages=stages)
