@@ -68,11 +68,13 @@ def close_group(dp: DataParallel) -> None:
         dist.destroy_process_group()
 
 
-def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device) -> torch.nn.Module:
+def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device,
+          frozen: bool = False) -> torch.nn.Module:
     """FSDP2 over the data-parallel group: each decoder layer is one unit, the rest
     (embeddings, final norm, a tied or untied LM head) the root unit. Gradients are summed
     over ranks, not averaged: every rank's loss is already divided by the token count of
-    the whole mini-batch."""
+    the whole mini-batch. `frozen` (a KL reference, run under no_grad): the root reshards
+    after its forward too, as no backward would."""
     if not dp.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
@@ -84,8 +86,10 @@ def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device) -> tor
     units = [fully_shard(layer, mesh=mesh) for layer in _decoder_layers(model)]
     scorer = Scorer(model)
     # The root stays gathered from forward to backward: the LM head's chunks are
-    # recomputed in backward (activation checkpointing) and read its weight again.
-    units.append(fully_shard(scorer, mesh=mesh, reshard_after_forward=False))
+    # recomputed in backward (activation checkpointing) and read its weight again. A
+    # frozen model has no backward, whose hook is what would reshard it: it would stay
+    # gathered on every rank for the whole run.
+    units.append(fully_shard(scorer, mesh=mesh, reshard_after_forward=frozen))
     for unit in units:  # each unit reduces its own gradients: every one must sum
         unit.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
         unit.set_gradient_divide_factor(1.0)
@@ -122,7 +126,7 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     model.train(not frozen)
     for p in model.parameters():
         p.requires_grad_(not frozen)
-    model = shard(model, dp, device)
+    model = shard(model, dp, device, frozen)
     if not dp.is_main:
         model.to_empty(device=device)  # this rank's shards, still uninitialised
         with torch.no_grad():

@@ -71,6 +71,11 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
     assert model.training and model.config.attention_dropout == 0.0
     cfg = load_config(None, OVERRIDES)
     metrics, opt = _step(model, ref, cfg, dp)
+    from torch.distributed.tensor import DTensor
+
+    # the frozen reference's root (embeddings, LM head) is resharded after its forwards,
+    # which run under no_grad: no backward would reshard it
+    ref_sharded = isinstance(ref.get_input_embeddings().weight, DTensor)
     state = full_state(model, dp)
     saved = optimizer_state(model, opt, dp)  # collective: the full state on rank 0
     saved = saved if rank == 0 else {}  # as if rank 0 alone had read it from a file
@@ -81,9 +86,10 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
     restored = all(torch.equal(opt.state[p]["momentum_buffer"].to_local(), m)
                    for p, m in zip(model.parameters(), momentum))
     if rank == 0:
-        queue.put((metrics, {k: v.numpy().copy() for k, v in state.items()}, restored))
+        queue.put(("main", metrics, {k: v.numpy().copy() for k, v in state.items()},
+                   restored, ref_sharded))
     else:
-        queue.put((len(state), restored))
+        queue.put(("other", len(state), restored, ref_sharded))
     close_group(dp)
 
 
@@ -178,9 +184,11 @@ def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
     for p in procs:
         p.join(30)
         assert p.exitcode == 0
-    (metrics, state, restored), = [g for g in got if len(g) == 3]
-    assert [g for g in got if len(g) == 2] == [(0, True)]  # full state on rank 0 only
+    (_, metrics, state, restored, ref_sharded), = [g for g in got if g[0] == "main"]
+    # full state on rank 0 only
+    assert [g for g in got if g[0] == "other"] == [("other", 0, True, True)]
     assert restored  # each rank got its shard of the optimizer state back
+    assert ref_sharded
     assert set(state) == set(expected)
     moved = max(float((expected[n] - before[n]).abs().max()) for n in expected)
     assert moved > 1e-3  # the step changed the weights, so the comparison means something
