@@ -50,6 +50,9 @@ class Engine:
             raise ValueError(f"device {device!r}: " + (
                 "this torch is a CPU build" if torch.version.cuda is None
                 else "no CUDA GPU is visible") + '; use device="cpu"')
+        if self.device.type == "cuda" and self.device.index is not None:
+            # Triton launches on the current device, whatever its tensors' device
+            torch.cuda.set_device(self.device)
         tdtype = getattr(torch, dtype)
         self.model = DecoderLM(self.model_config, self.device, tdtype,
                                self.config.linear_backend)

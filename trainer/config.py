@@ -119,6 +119,14 @@ class RolloutConfig:
                                    "when the engine starts; set it when several rollout "
                                    "workers share a CPU machine, which cannot see each "
                                    "other's pools)")
+    kv_memory_fraction: float = _f(0.3, "with max_kv_tokens None: the share of the memory "
+                                   "free when the engine starts that its KV pool takes "
+                                   "(embedded: the engine starts before the trainer's "
+                                   "model; a rollout worker alone on its GPU can take ~0.85)")
+    reserve_ratio: float = _f(1.0, "share of each running sample's remaining max_tokens "
+                              "whose KV pages are reserved at admission (1: never preempt; "
+                              "lower admits more samples and preempts when the pool runs "
+                              "out)")
     attention_backend: str = _f("auto", "engine attention backend")
     merge_identical_samples: bool = _f(True, "engine decode computes samples of a prompt "
                                        "with identical tokens so far once")
@@ -145,6 +153,12 @@ class RolloutConfig:
                              "and a group of one has advantage 0")
         if self.coverage_groups < 0:
             raise ValueError("rollout.coverage_groups must be >= 0 (0: off)")
+        if not 0.0 < self.kv_memory_fraction < 1.0:
+            raise ValueError(f"rollout.kv_memory_fraction must be in (0, 1), got "
+                             f"{self.kv_memory_fraction}")
+        if not 0.0 <= self.reserve_ratio <= 1.0:
+            raise ValueError(f"rollout.reserve_ratio must be in [0, 1], got "
+                             f"{self.reserve_ratio}")
         if self.max_kv_tokens is not None and self.max_kv_tokens < self.page_size:
             raise ValueError(f"rollout.max_kv_tokens={self.max_kv_tokens} must hold at least "
                              f"one page of rollout.page_size={self.page_size} tokens")
@@ -366,6 +380,10 @@ class TrainConfig:
         if self.ray.num_trainers > 1 and self.launcher != "ray":
             raise ValueError(f"ray.num_trainers={self.ray.num_trainers} needs launcher=ray "
                              "(the embedded launch is one process)")
+        if self.launcher == "ray" and self.model.device.startswith("cuda:"):
+            raise ValueError(f"model.device={self.model.device} with launcher=ray: Ray gives "
+                             "each actor its GPUs (ray.trainer_gpus, ray.gpus_per_worker); "
+                             "use model.device=cuda")
         transport = self.rollout.weight_sync_transport
         if (transport == "inprocess") != (self.launcher == "embedded") and transport != "auto":
             raise ValueError(f"rollout.weight_sync_transport={transport} does not fit "

@@ -226,7 +226,8 @@ def local_engine(path: str, cfg: TrainConfig) -> Engine:
     return Engine(path, device=cfg.model.resolved_device, dtype=cfg.model.dtype,
                   page_size=r.page_size, max_kv_tokens=r.max_kv_tokens,
                   attention_backend=r.attention_backend,
-                  merge_identical_samples=r.merge_identical_samples)
+                  merge_identical_samples=r.merge_identical_samples,
+                  kv_memory_fraction=r.kv_memory_fraction, reserve_ratio=r.reserve_ratio)
 
 
 def sync_weights(run: Run, step: int, metrics: dict | None = None,
@@ -328,12 +329,17 @@ def check_inputs(cfg: TrainConfig) -> None:
     for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if value and not value.startswith(GYM_PREFIX) and not Path(value).is_file():
             raise FileNotFoundError(f"{key} {value!r}: no such file")
-    if cfg.model.device == "cuda":
+    if cfg.model.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError("model.device is cuda but torch sees no CUDA device (a CPU "
-                             "build of torch, or no GPU); use model.device=auto or cpu")
+            raise ValueError(f"model.device is {cfg.model.device} but torch sees no CUDA "
+                             "device (a CPU build of torch, or no GPU); use model.device="
+                             "auto or cpu")
+        index = torch.device(cfg.model.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(f"model.device={cfg.model.device}: torch sees "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
 
 
 def _initial_policy(cfg: TrainConfig) -> str:

@@ -117,6 +117,19 @@ def test_shipped_gpu_template_parses_with_the_papers_settings():
     assert cfg.lr == pytest.approx(2e-6 * (512 * 128 / 8192) ** 0.5)
     assert cfg.algorithm.old_logprobs == "recompute" and cfg.algorithm.tis == "mask"
     assert cfg.rollout.oversample and cfg.algorithm.tis_bounds == (0.5, 5.0)
+    assert (cfg.rollout.kv_memory_fraction, cfg.rollout.reserve_ratio) == (0.85, 0.25)
+
+
+def test_the_engines_memory_options_reach_the_engine(qwen2):
+    from trainer.loop import local_engine
+
+    cfg = load_config(None, ["rollout.kv_memory_fraction=0.5", "rollout.reserve_ratio=0.4",
+                             "model.device=cpu", "rollout.max_kv_tokens=1024"])
+    config = local_engine(qwen2[0], cfg).config
+    assert (config.kv_memory_fraction, config.reserve_ratio) == (0.5, 0.4)
+    for bad in ("rollout.kv_memory_fraction=1", "rollout.reserve_ratio=1.5"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            load_config(None, [bad])
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -141,6 +154,20 @@ def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
     assert main(["train", "model.device=cuda", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "model.device is cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert main(["train", "model.device=cuda:1", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "model.device is cuda:1 but torch sees no CUDA" in capsys.readouterr().err
+
+
+def test_a_cuda_index_is_checked_against_the_visible_devices(monkeypatch):
+    from trainer.loop import check_inputs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_inputs(load_config(None, ["model.device=cuda:1"]))
+    with pytest.raises(ValueError, match="model.device=cuda:2: torch sees 2 CUDA device"):
+        check_inputs(load_config(None, ["model.device=cuda:2"]))
+    with pytest.raises(ValueError, match="with launcher=ray: Ray gives each actor its GPUs"):
+        load_config(None, ["model.device=cuda:0", "launcher=ray"])
 
 
 def test_input_checks_leave_a_remote_ray_cluster_its_own_paths_and_gpus():
