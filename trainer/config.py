@@ -272,6 +272,9 @@ class OptimConfig:
     merge_identical_samples: bool = _f(True, "compute each distinct sample of a mini-batch "
                                        "once, weighted by its count (same loss and gradient)")
     logprob_chunk: int = _f(1024, "tokens per chunk of the LM head's log-softmax")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations "
+                                      "in backward instead of keeping them (same gradients, "
+                                      "one more forward; long responses on a GPU need it)")
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps", "micro_batch_size", "logprob_chunk", "lr_reference_samples")

@@ -154,11 +154,12 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     pad_id = broadcast_object((engine.tokenizer.pad_token_id or 0) if dp.is_main else None,
                               dp)
     if dp.enabled:  # rank 0 reads the weights; the others get their shards by broadcast
-        model = load_sharded_policy(path, dp, device)
+        model = load_sharded_policy(path, dp, device,
+                                    checkpointing=cfg.optim.gradient_checkpointing)
         ref_model = (load_sharded_policy(path, dp, device, frozen=True)
                      if cfg.algorithm.kl_coef else None)
     else:
-        model = load_policy(path, device)
+        model = load_policy(path, device, cfg.optim.gradient_checkpointing)
         ref_model = _frozen_copy(model) if cfg.algorithm.kl_coef else None
     if cfg.algorithm.ref_reset_every and ref_model is None and dp.is_main:
         log.warning("algorithm.ref_reset_every=%d does nothing with algorithm.kl_coef=0: "

@@ -98,11 +98,12 @@ def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device,
 
 
 def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
-                        frozen: bool = False) -> torch.nn.Module:
+                        frozen: bool = False, checkpointing: bool = False) -> torch.nn.Module:
     """The checkpoint at `path` as a sharded float32 policy, read by rank 0 alone (the other
     ranks' `path` is not read). They build the model from rank 0's config with parameters on
     the meta device (no memory), allocate only their shards, and receive the weights by a
-    broadcast from rank 0. Collective. `frozen`: a KL reference (eval mode, no gradients)."""
+    broadcast from rank 0. Collective. `frozen`: a KL reference (eval mode, no gradients).
+    `checkpointing`: activation checkpointing of the decoder layers (not for a frozen one)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -126,6 +127,10 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     model.train(not frozen)
     for p in model.parameters():
         p.requires_grad_(not frozen)
+    if checkpointing and not frozen:  # before sharding: each layer unit recomputes itself
+        from trainer.policy import enable_checkpointing
+
+        enable_checkpointing(model)
     model = shard(model, dp, device, frozen)
     if not dp.is_main:
         model.to_empty(device=device)  # this rank's shards, still uninitialised

@@ -8,14 +8,30 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def load_policy(path: str, device: str | torch.device = "cpu"):
+def load_policy(path: str, device: str | torch.device = "cpu",
+                checkpointing: bool = False):
     """The checkpoint as a float32 (master weights) `AutoModelForCausalLM` in train mode,
-    with dropout off: the logprobs it trains on must be the policy's, as the engine's are."""
+    with dropout off: the logprobs it trains on must be the policy's, as the engine's are.
+    `checkpointing`: see `enable_checkpointing`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     _no_dropout(model)
+    if checkpointing:
+        enable_checkpointing(model)
     return model.to(device).train()
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing of every decoder layer (transformers' own, non-reentrant):
+    a layer's activations are recomputed in backward instead of kept, the same gradients
+    for one more forward. Long responses need it on a GPU (about 5.7 MB of float32
+    activations a token at Qwen2-1.5B's shapes without it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _no_dropout(model) -> None:
@@ -91,7 +107,8 @@ class Scorer(torch.nn.Module):
 
 
 def _token_logprobs(model, ids, targets, mask, temperature, chunk, with_entropy):
-    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # [B, L-1, H]
+    # no KV cache: nothing decodes after this forward
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     flat_h = hidden[mask]
     flat_t = targets[mask]

@@ -118,6 +118,7 @@ def test_shipped_gpu_template_parses_with_the_papers_settings():
     assert cfg.algorithm.old_logprobs == "recompute" and cfg.algorithm.tis == "mask"
     assert cfg.rollout.oversample and cfg.algorithm.tis_bounds == (0.5, 5.0)
     assert (cfg.rollout.kv_memory_fraction, cfg.rollout.reserve_ratio) == (0.85, 0.25)
+    assert cfg.optim.gradient_checkpointing
 
 
 def test_the_engines_memory_options_reach_the_engine(qwen2):

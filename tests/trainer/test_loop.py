@@ -121,6 +121,21 @@ def test_the_embedded_sync_refuses_a_partial_state_and_changes_nothing(tiny_poli
         run.metrics.close()
 
 
+def test_a_step_with_activation_checkpointing_keeps_the_engine_in_sync(tiny_policy,
+                                                                        tmp_path):
+    run = setup(_cfg(tiny_policy, tmp_path / "run", **{
+        "optim.gradient_checkpointing": True, "algorithm.kl_coef": 0.1}), None)
+    try:
+        layer = run.model.model.layers[0]
+        assert layer.gradient_checkpointing and run.model.training
+        m = train_step(run)
+        assert math.isfinite(m["train/loss"]) and m["train/grad_norm"] > 0
+        assert _engine_matches_trainer(run) < 1e-4
+    finally:
+        run.pool.close()
+        run.metrics.close()
+
+
 def test_a_reference_reset_without_kl_is_warned_about(tiny_policy, tmp_path, caplog):
     run = setup(_cfg(tiny_policy, tmp_path / "run", **{"algorithm.ref_reset_every": 5}), None)
     try:
