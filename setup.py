@@ -120,7 +120,9 @@ setup(
         # torch is not pinned: CPU users `pip install torch==2.13.0` first, GPU users
         # bring their own CUDA build.
         "torch>=2.6",
-        "transformers>=4.51",
+        # 5.25 requires Hugging Face's `kernels` package, whose import name our kernels/
+        # shadows (transformers then imports ours and fails); see README "Status"
+        "transformers>=4.51,<5.25",
         "safetensors",
         "tokenizers",
         "numpy",
