@@ -31,6 +31,7 @@ under top_p, and SGLANG_RETURN_ORIGINAL_LOGPROB=1 gives temperature-1 ones: ther
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -118,7 +119,6 @@ class SGLangEngine:
         self.policy_version = 0
         self._group = None
         self._lock = threading.Lock()
-        self._shapes: dict | None | bool = False  # the checkpoint's, read on first use
 
     def generate(self, prompts, sampling_params: SamplingParams | list | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
@@ -177,20 +177,23 @@ class SGLangEngine:
                              "data-parallel replica")
         return int(getattr(args, "tp_size", 1))
 
+    @functools.cached_property
+    def _checkpoint_shapes(self) -> dict | None:
+        """The local checkpoint's tensor shapes (headers only), None without one."""
+        from engine.models.weights import checkpoint_shapes
+
+        try:
+            return checkpoint_shapes(self.model_path)
+        except (FileNotFoundError, OSError):
+            return None
+
     def check_manifest(self, manifest) -> None:
         """Raises ValueError unless every tensor of `manifest` is one of the local
         checkpoint's, with its shape (dtypes may differ: SGLang casts while loading).
         A model SGLang fetched itself (no local checkpoint) is not checked."""
-        if self._shapes is False:
-            from engine.models.weights import checkpoint_shapes
-
-            try:
-                self._shapes = checkpoint_shapes(self.model_path)
-            except (FileNotFoundError, OSError):
-                self._shapes = None
-        if not self._shapes:
+        if not self._checkpoint_shapes:
             return
-        shapes = dict(self._shapes)
+        shapes = dict(self._checkpoint_shapes)
         if "lm_head.weight" not in shapes and "model.embed_tokens.weight" in shapes:
             shapes["lm_head.weight"] = shapes["model.embed_tokens.weight"]  # tied
         unknown = [e.name for e, _ in manifest.entries() if e.name not in shapes]
