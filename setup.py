@@ -4,12 +4,20 @@
 `pip install -e .` installs the packages, the `brorl` command, and builds them too.
 
 Extensions (plain pybind11, no torch headers: each builds in seconds on 2 cores):
-- `engine._cache_ext` from csrc/cache/*.cpp: radix tree and page allocator
-- `kernels._attention_ext` from csrc/attention/*.cpp: CPU attention with OpenMP
-CUDA sources (csrc/cuda/*.cu) are compiled with nvcc and linked into `kernels._cuda_ext`
+- `brorl.engine._cache_ext` from csrc/cache/*.cpp: radix tree and page allocator
+- `brorl.kernels._attention_ext` from csrc/attention/*.cpp: CPU attention with OpenMP
+CUDA sources (csrc/cuda/*.cu) are compiled with nvcc and linked into `brorl.kernels._cuda_ext`
 only when nvcc and a CUDA build of torch are both present; otherwise one line says they
 were skipped. A failing C++ build never fails the install: the engine then runs its
 Python/numba paths, and `brorl info` says which ones it uses.
+
+The top-level folders engine/, kernels/ and trainer/ install as `brorl.engine`,
+`brorl.kernels` and `brorl.trainer` (package_dir below). Plain top-level names would
+clash: Hugging Face's `kernels` package, which transformers >= 5.25 requires, has the
+import name `kernels`, and pip would write both into site-packages/kernels/. kernels/ has
+no __init__.py for the same reason: with the repository root on sys.path (pytest, the
+bench scripts), a regular package there would still shadow theirs, while a folder without
+one only counts when no `kernels` package is installed.
 """
 
 import os
@@ -18,10 +26,23 @@ import subprocess
 import sys
 from glob import glob
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TOP_LEVEL = ("engine", "kernels", "trainer")
+
+
+def _packages() -> list[str]:
+    """brorl.engine, brorl.kernels, brorl.trainer and every folder of .py files below them
+    (kernels/ has no __init__.py, so find_packages would miss it)."""
+    found = []
+    for top in TOP_LEVEL:
+        for folder, subdirs, files in os.walk(os.path.join(HERE, top)):
+            subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
+            if any(f.endswith(".py") for f in files):
+                found.append("brorl." + os.path.relpath(folder, HERE).replace(os.sep, "."))
+    return found
 
 
 def _sources(folder: str, pattern: str = "*.cpp") -> list[str]:
@@ -66,16 +87,16 @@ def get_extensions() -> list:
            if sys.platform.startswith("linux") else ["-O3"])
     link = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if _sources("cache"):
-        exts.append(Pybind11Extension("engine._cache_ext", _sources("cache"),
+        exts.append(Pybind11Extension("brorl.engine._cache_ext", _sources("cache"),
                                       include_dirs=["csrc/cache"], cxx_std=17,
                                       extra_compile_args=["-O3"]))
     if _sources("attention"):
-        exts.append(Pybind11Extension("kernels._attention_ext", _sources("attention"),
+        exts.append(Pybind11Extension("brorl.kernels._attention_ext", _sources("attention"),
                                       include_dirs=["csrc/attention"], cxx_std=17,
                                       extra_compile_args=cxx, extra_link_args=link))
     if _sources("cuda", "*_bind.cpp") and _cuda_wanted():
         lib = os.path.join(_cuda_home(), "lib64")
-        exts.append(Pybind11Extension("kernels._cuda_ext", _sources("cuda", "*_bind.cpp"),
+        exts.append(Pybind11Extension("brorl.kernels._cuda_ext", _sources("cuda", "*_bind.cpp"),
                                       include_dirs=["csrc/cuda"], cxx_std=17,
                                       libraries=["cudart"], library_dirs=[lib],
                                       runtime_library_dirs=[lib]))
@@ -91,7 +112,7 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext):
         try:
-            if ext.name == "kernels._cuda_ext":
+            if ext.name == "brorl.kernels._cuda_ext":
                 self._compile_cu(ext)
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to Python
@@ -112,17 +133,15 @@ setup(
     name="brorl",
     version="0.1.0",
     description="High-throughput large-N rollout engine and BroRL training loop",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*",
-                                    "trainer", "trainer.*"]),
-    package_data={"trainer": ["configs/*.yaml"]},
+    packages=_packages(),
+    package_dir={f"brorl.{top}": top for top in TOP_LEVEL},
+    package_data={"brorl.trainer": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is not pinned: CPU users `pip install torch==2.13.0` first, GPU users
         # bring their own CUDA build.
         "torch>=2.6",
-        # 5.25 requires Hugging Face's `kernels` package, whose import name our kernels/
-        # shadows (transformers then imports ours and fails); see README "Status"
-        "transformers>=4.51,<5.25",
+        "transformers>=4.51",
         "safetensors",
         "tokenizers",
         "numpy",
@@ -139,5 +158,5 @@ setup(
     },
     ext_modules=get_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
-    entry_points={"console_scripts": ["brorl=trainer.cli:main"]},
+    entry_points={"console_scripts": ["brorl=brorl.trainer.cli:main"]},
 )

@@ -25,10 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.cache_ext import extension_built, make_cache  # noqa: E402
-from engine.cache_manager import CacheManager, pages_for  # noqa: E402
-from engine.request import Group, Sequence  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from brorl.engine.cache_ext import extension_built, make_cache  # noqa: E402
+from brorl.engine.cache_manager import CacheManager, pages_for  # noqa: E402
+from brorl.engine.request import Group, Sequence  # noqa: E402
+from brorl.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 class _NoKV:

@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    from trainer.metrics import read_metrics
+    from brorl.trainer.metrics import read_metrics
 
     run = Path(a.run_dir)
     result = summarise(read_metrics(run))

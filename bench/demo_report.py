@@ -35,8 +35,8 @@ def terms_of(problem) -> int:
 
 def score(engine, problems, cfg, pool, k: int) -> dict:
     """{setting: {terms: {samples, accuracy, full_chain, accuracy_given_full_chain}}}."""
-    from trainer.demo import worked_operations
-    from trainer.rollout import generate_groups
+    from brorl.trainer.demo import worked_operations
+    from brorl.trainer.rollout import generate_groups
 
     out = {}
     for name, (temperature, top_p) in SETTINGS.items():
@@ -65,12 +65,12 @@ def score(engine, problems, cfg, pool, k: int) -> dict:
 
 
 def main() -> None:
-    from engine import Engine
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.config_load import load_config
-    from trainer.data import load_problems
-    from trainer.demo import demo_policy
-    from trainer.verifiers import VerifierPool
+    from brorl.engine import Engine
+    from brorl.trainer.checkpoint import latest_checkpoint
+    from brorl.trainer.config_load import load_config
+    from brorl.trainer.data import load_problems
+    from brorl.trainer.demo import demo_policy
+    from brorl.trainer.verifiers import VerifierPool
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")

@@ -27,10 +27,10 @@ from bench.throughput import versions  # noqa: E402
 CHILD = """
 import json, sys, time, torch
 torch.set_num_threads(2)
-from engine import kv_pool
+from brorl.engine import kv_pool
 if sys.argv[2] == "eager":
     kv_pool._zeros = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device)
-from engine import Engine
+from brorl.engine import Engine
 t = time.perf_counter()
 e = Engine(sys.argv[1])
 seconds = time.perf_counter() - t
@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     path = args.checkpoint
     if path is None:
-        from trainer.config import DemoConfig
-        from trainer.demo import demo_policy
+        from brorl.trainer.config import DemoConfig
+        from brorl.trainer.demo import demo_policy
 
         path = demo_policy(DemoConfig(), progress=False)
     runs: dict[str, list[dict]] = {"lazy": [], "eager": []}

@@ -26,8 +26,8 @@ done
 $PY -m pip download -q --no-deps --no-binary=:all: -d .gpu/sdist pycosat==0.6.6
 policy=$($PY -c "
 import logging; logging.disable(logging.INFO)
-from trainer.config import TrainConfig
-from trainer.demo import demo_policy
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.demo import demo_policy
 print(demo_policy(TrainConfig().demo, progress=False))")
 cp -r "$policy" .gpu/demo/
 ls .gpu/whl .gpu/sdist .gpu/demo

@@ -64,7 +64,7 @@ export -f setup
 export PY PYTHONPATH=/tmp/site:$PYTHONPATH
 step setup 60 setup
 step build 150 $PY setup.py build_ext --inplace -j 8
-$PY -m engine.info --json > "$OUT/info.json" 2> "$OUT/info.log"
+$PY -m brorl.engine.info --json > "$OUT/info.json" 2> "$OUT/info.log"
 TIMEOUT_FLAG=()
 $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(--timeout=90)
 # the real Triton compiler, not the interpreter that tests/conftest.py picks by default
@@ -79,7 +79,7 @@ step throughput 120 $PY bench/throughput.py --device cuda --model qwen2-0.5b \
   --dtype bfloat16 --ns 16 128 512 --hf-ns 16 512 --repeats 2 \
   --out "$OUT/throughput-gpu.json"
 # the embedded trainer on CUDA: the shipped demo (warm start carried in .gpu/demo), 2 steps
-step demo 90 $PY -m trainer.cli train steps=2 eval.every=0 progress=false \
+step demo 90 $PY -m brorl.trainer.cli train steps=2 eval.every=0 progress=false \
   output_dir="$OUT/demo-gpu"
 # N=512 over N=16 on the demo's trained policy, merging on and off
 step large-n 60 $PY bench/large_n_trained.py --device cuda --repeats 1 --total 4096 \

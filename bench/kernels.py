@@ -132,8 +132,8 @@ class BenchContext:
 
 def decode_rows(ctx: BenchContext) -> list[dict]:
     """Cascade vs paged decode (Triton and torch) for one group of N samples."""
-    from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
-    from kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
+    from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+    from brorl.kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
 
     sh, dev, s = ctx.shapes, ctx.device, ctx.s
     rows = []
@@ -175,8 +175,8 @@ def decode_rows(ctx: BenchContext) -> list[dict]:
 
 def extend_rows(ctx: BenchContext) -> list[dict]:
     """Extend attention over several sequences in one launch, Triton vs torch."""
-    from kernels.extend_attention import extend_attention_ref
-    from kernels.extend_attention_triton import extend_attention_packed, pack_extend_meta
+    from brorl.kernels.extend_attention import extend_attention_ref
+    from brorl.kernels.extend_attention_triton import extend_attention_packed, pack_extend_meta
 
     sh, dev, s = ctx.shapes, ctx.device, ctx.s
     prefix_lens = [c for c, _ in sh.extend]
@@ -206,10 +206,10 @@ def extend_rows(ctx: BenchContext) -> list[dict]:
 
 def norm_rope_rows(ctx: BenchContext) -> list[dict]:
     """RMSNorm, fused residual add + RMSNorm and RoPE, Triton vs torch."""
-    from kernels.norm import add_rms_norm_ref, rms_norm_ref
-    from kernels.norm_triton import add_rms_norm_triton, rms_norm_triton
-    from kernels.rope import apply_rope_ref
-    from kernels.rope_triton import apply_rope_triton
+    from brorl.kernels.norm import add_rms_norm_ref, rms_norm_ref
+    from brorl.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton
+    from brorl.kernels.rope import apply_rope_ref
+    from brorl.kernels.rope_triton import apply_rope_triton
 
     sh, dev, s = ctx.shapes, ctx.device, ctx.s
     rows = []

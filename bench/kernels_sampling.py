@@ -9,7 +9,7 @@ cumsum mask, renormalise, exponential race, log-softmax for the logprob: the usu
 implementation) and against `sample_ref`. The issue's target: fused >= 3x faster than the
 sort-based sampler at top-p. Token logprob + entropy at a trainer shape (T=16384, H=1536,
 V=151936, bf16): the fused forward against the trainer's chunked torch path
-(`trainer.policy._chunk_stats` over 1024 positions at a time), forward and forward+backward.
+(`brorl.trainer.policy._chunk_stats` over 1024 positions at a time), forward and forward+backward.
 
 Time: CUDA events, median of --iters runs after warm-up. Floors, from explicit formulas and
 this GPU's measured copy bandwidth and bf16 matmul rate: sampling reads the logits once
@@ -89,8 +89,8 @@ def device_peaks(cuda: bool) -> dict:
 def bench_sampling(B: int, V: int, iters: int, dev: str, peaks: dict) -> list[dict]:
     import torch
 
-    from kernels.sampling import row_keys, sample_ref
-    from kernels.sampling_triton import sample_triton
+    from brorl.kernels.sampling import row_keys, sample_ref
+    from brorl.kernels.sampling_triton import sample_triton
 
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(B, V, generator=gen) * 4).to(torch.bfloat16).to(dev)
@@ -123,8 +123,8 @@ def bench_token_logprob(T: int, H: int, V: int, iters: int, dev: str, peaks: dic
                         dtype) -> list[dict]:
     import torch
 
-    from kernels.token_logprob import token_logprob_entropy
-    from trainer.policy import _chunk_stats
+    from brorl.kernels.token_logprob import token_logprob_entropy
+    from brorl.trainer.policy import _chunk_stats
 
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(T, H, generator=gen).to(dtype).to(dev)

@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     from bench.throughput import device_name
-    from engine import Engine, SamplingParams
-    from trainer.config_load import load_config
-    from trainer.data import gym_problems, render_prompt
-    from trainer.demo import demo_policy
+    from brorl.engine import Engine, SamplingParams
+    from brorl.trainer.config_load import load_config
+    from brorl.trainer.data import gym_problems, render_prompt
+    from brorl.trainer.demo import demo_policy
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ns", type=int, nargs="+", default=[16, 512])

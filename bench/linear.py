@@ -37,8 +37,8 @@ from bench.throughput import (  # noqa: E402
     run_engine,
     versions,
 )
-from engine.models.weights import matrix_shapes  # noqa: E402
-from kernels.linear import OneDNNLinear, TorchLinear, onednn_available  # noqa: E402
+from brorl.engine.models.weights import matrix_shapes  # noqa: E402
+from brorl.kernels.linear import OneDNNLinear, TorchLinear, onednn_available  # noqa: E402
 
 
 def step_weights(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def _trainer_logprobs(model, outs, prompts, temperature: float, device) -> list[list[float]]:
     """The trainer's logprob of every response token, one list per sample."""
-    from trainer.policy import pad_batch, token_logprobs
+    from brorl.trainer.policy import pad_batch, token_logprobs
 
     seqs, starts, lens = [], [], []
     for prompt, out in zip(prompts, outs):
@@ -50,7 +50,7 @@ def _trainer_logprobs(model, outs, prompts, temperature: float, device) -> list[
 
 
 def _row(outs, trainer: list[list[float]]) -> dict:
-    from trainer.update import Sample, logprob_mismatch
+    from brorl.trainer.update import Sample, logprob_mismatch
 
     samples = []
     for c, old in zip((c for o in outs for c in o.outputs), trainer):
@@ -70,12 +70,12 @@ def _row(outs, trainer: list[list[float]]) -> dict:
 
 def main() -> None:
     from bench.throughput import device_name, versions
-    from engine import Engine, SamplingParams
-    from kernels.decode_attention_cpp import attention_ext_built
-    from trainer.config_load import load_config
-    from trainer.data import gym_problems, render_prompt
-    from trainer.demo import demo_policy
-    from trainer.policy import load_policy
+    from brorl.engine import Engine, SamplingParams
+    from brorl.kernels.decode_attention_cpp import attention_ext_built
+    from brorl.trainer.config_load import load_config
+    from brorl.trainer.data import gym_problems, render_prompt
+    from brorl.trainer.demo import demo_policy
+    from brorl.trainer.policy import load_policy
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", type=int, default=16)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_steps(merge: bool, steps: int, overrides: list[str]) -> dict:
-    from trainer import loop
-    from trainer.config_load import load_config
+    from brorl.trainer import loop
+    from brorl.trainer.config_load import load_config
 
     out_dir = f"/tmp/brorl-bench-merge-{'on' if merge else 'off'}"
     cfg = load_config(None, [f"output_dir={out_dir}", "overwrite=true", "progress=false",

@@ -10,7 +10,7 @@ temperature 1 (mean of 256 / 32 samples) and greedy.
         # a warm start that always works the whole chain, on two-digit numbers
 
 Writes bench/results/rl-transfer-cpu.json, or --out (device, versions, date, per-step rows). The
-trainer is the real one (`trainer.loop.train_step`); only the data stream is replaced by
+trainer is the real one (`brorl.trainer.loop.train_step`); only the data stream is replaced by
 the same `rollout.prompts_per_step` prompts every step.
 """
 
@@ -44,7 +44,7 @@ class _FixedPrompts:
 
 
 def _mean_reward(run, problems, n: int, temperature: float, seed: int) -> float:
-    from trainer.rollout import generate_groups
+    from brorl.trainer.rollout import generate_groups
 
     cfg = run.cfg
     sampling = {**cfg.rollout.sampling, "n": n, "temperature": temperature, "top_p": 1.0,
@@ -63,8 +63,8 @@ def score(run, trained: list) -> dict:
 
 
 def main() -> None:
-    from trainer import loop
-    from trainer.config_load import load_config
+    from brorl.trainer import loop
+    from brorl.trainer.config_load import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" /

@@ -2,7 +2,7 @@
 `sample_rows_ref` (each row's truncation and cumulative sums once, a binary search per
 sample) against expanding the rows to B and running the per-sample sampler (`sample`,
 numba on CPU), at vocab 151936 and batch 512, for several R. The engine picks the first
-when R * 16 <= B (`engine.merging.SHARED_ROW_SAMPLING`).
+when R * 16 <= B (`brorl.engine.merging.SHARED_ROW_SAMPLING`).
 
     python bench/sampling_rows.py            # CPU; bench/results/sampling-rows-cpu.json
     python bench/sampling_rows.py --device cuda
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     from bench.kernels_sampling import timed
     from bench.throughput import device_name
-    from kernels.sampling import row_keys, sample, sample_rows_ref
+    from brorl.kernels.sampling import row_keys, sample, sample_rows_ref
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=512)

@@ -41,7 +41,7 @@ def byte_tokenizer(vocab_size: int, seed: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from engine.stop import gpt2_byte_chars
+    from brorl.engine.stop import gpt2_byte_chars
 
     chars = gpt2_byte_chars()
     vocab = {t: i for i, t in enumerate(SPECIAL)}
@@ -113,7 +113,7 @@ def main() -> None:
     import tokenizers
     import transformers
 
-    from engine.stop import StopChecker, batch_decoder
+    from brorl.engine.stop import StopChecker, batch_decoder
 
     tok = byte_tokenizer(args.vocab, args.seed)
     assert batch_decoder(tok) is not None

@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.models.weights import matrix_shapes  # noqa: E402
+from brorl.engine.models.weights import matrix_shapes  # noqa: E402
 
 MODEL = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -81,7 +81,7 @@ BACKENDS = {"torch": ("torch", "float32"), "numba": ("numba", "float32"),
 def run_engine(path: str, prompts, n: int, new_tokens: int, cascade: bool, seed: int,
                backend: str = "auto", dtype: str = "float32", **options) -> dict:
     """One timed generate on a fresh Engine (options: further Engine keyword arguments)."""
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
 
     engine = Engine(path, cascade_decode=cascade, attention_backend=backend, dtype=dtype,
                     **options)
@@ -136,7 +136,7 @@ def device_name(device: str = "cpu") -> str:
 
 def engine_model_config(model: dict = MODEL):
     """The bench model as the engine sees it (engine.config.ModelConfig)."""
-    from engine.config import ModelConfig
+    from brorl.engine.config import ModelConfig
 
     return ModelConfig.from_hf({"model_type": "qwen2", **model})
 

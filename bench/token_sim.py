@@ -49,7 +49,7 @@ def _print_table(reward: str, rows: list[dict]) -> None:
 
 def main() -> None:
     from bench.throughput import versions
-    from trainer.theory import REWARDS, SimConfig, simulate
+    from brorl.trainer.theory import REWARDS, SimConfig, simulate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=131072)

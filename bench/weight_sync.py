@@ -59,7 +59,7 @@ class _Sink:
     either copies into its own parameters (`copy=True`) or does nothing."""
 
     def __init__(self, shapes, copy: bool, device="cpu") -> None:
-        from engine.models.weights import ParamSlot
+        from brorl.engine.models.weights import ParamSlot
 
         self.device = torch.device(device)
         self.model = type("M", (), {})()
@@ -93,7 +93,7 @@ def _raw(ch, buf: torch.Tensor) -> None:
 def _receiver(transport: str, port: int, sizes: list[int], repeats: int,
               shared_memory: bool) -> None:
     torch.set_num_threads(1)
-    from trainer.weight_sync import make_receiver
+    from brorl.trainer.weight_sync import make_receiver
 
     device = "cuda:1" if transport == "nccl" else "cpu"
     for k, size in enumerate(sizes):
@@ -115,8 +115,8 @@ def run_transport(transport: str, sizes: list[int], repeats: int, bucket_mb: int
                   shared_memory: bool = True) -> list:
     """Rows of one transport; gloo with shared_memory=False is the "gloo-tcp" rows and the
     only one with a raw TCP row (shared memory has no raw broadcast of its own)."""
-    from trainer.weight_sync import make_sender
-    from trainer.weight_sync.channel import free_port
+    from brorl.trainer.weight_sync import make_sender
+    from brorl.trainer.weight_sync.channel import free_port
 
     port = free_port()
     while any(_busy(port + k) for k in range(len(sizes))):
@@ -159,7 +159,7 @@ def _busy(port: int) -> bool:
 
 
 def run_local(sizes: list[int], repeats: int) -> list:
-    from trainer.weight_sync import InProcessSender
+    from brorl.trainer.weight_sync import InProcessSender
 
     rows = []
     for size in sizes:

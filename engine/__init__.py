@@ -1,9 +1,9 @@
 """brorl's rollout engine: `Engine(model=...).generate(prompts, SamplingParams(n=512))`."""
 
-from engine.config import EngineConfig, ModelConfig
-from engine.engine import Engine
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from brorl.engine.config import EngineConfig, ModelConfig
+from brorl.engine.engine import Engine
+from brorl.engine.outputs import CompletionOutput, RequestOutput
+from brorl.engine.sampling_params import SamplingParams
 
 __all__ = ["Engine", "EngineConfig", "ModelConfig", "SamplingParams", "RequestOutput",
            "CompletionOutput"]

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kv_pool import KVPool
-from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
-from kernels.extend_attention import extend_attention_ref
-from kernels.triton_common import interpreted
+from brorl.engine.kv_pool import KVPool
+from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+from brorl.kernels.extend_attention import extend_attention_ref
+from brorl.kernels.triton_common import interpreted
 
 
 @dataclass
@@ -95,7 +95,7 @@ class NumbaBackend(TorchBackend):
 
     @staticmethod
     def paged(q, k_cache, v_cache, page_table, seq_lens, scale):
-        from kernels.decode_attention_numba import paged_decode_numba
+        from brorl.kernels.decode_attention_numba import paged_decode_numba
 
         return paged_decode_numba(q, k_cache, v_cache, page_table, seq_lens, scale)
 
@@ -103,15 +103,15 @@ class NumbaBackend(TorchBackend):
 BACKENDS = {"torch": TorchBackend, "numba": NumbaBackend}
 # Backends whose modules import optional packages (triton, the C++ extension) are named
 # here as "module:Class" and imported only when chosen.
-LAZY_BACKENDS: dict[str, str] = {"triton": "engine.attention_triton:TritonBackend",
-                                 "cpp": "engine.attention_cpp:CppBackend"}
+LAZY_BACKENDS: dict[str, str] = {"triton": "brorl.engine.attention_triton:TritonBackend",
+                                 "cpp": "brorl.engine.attention_cpp:CppBackend"}
 
 
 def default_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The backend "auto" picks for a KV pool of `dtype` on `device` (`brorl info` asks)."""
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
-        from kernels.decode_attention_cpp import attention_ext_built
+        from brorl.kernels.decode_attention_cpp import attention_ext_built
 
         if attention_ext_built():
             return "cpp"

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import DecodeMeta, TorchBackend
-from engine.kv_pool import KVPool
-from kernels.decode_attention_cpp import attention_ext_built, cascade_decode_cpp, paged_decode_cpp
+from brorl.engine.attention import DecodeMeta, TorchBackend
+from brorl.engine.kv_pool import KVPool
+from brorl.kernels.decode_attention_cpp import (
+    attention_ext_built,
+    cascade_decode_cpp,
+    paged_decode_cpp,
+)
 
 
 class CppBackend(TorchBackend):

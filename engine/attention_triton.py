@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import DecodeMeta, ExtendMeta, TorchBackend
-from kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
-from kernels.extend_attention_triton import (
+from brorl.engine.attention import DecodeMeta, ExtendMeta, TorchBackend
+from brorl.kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
+from brorl.kernels.extend_attention_triton import (
     ExtendPacked,
     extend_attention_packed,
     pack_extend_meta,

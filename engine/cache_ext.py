@@ -1,5 +1,5 @@
-"""The C++ page allocator and radix cache (`engine._cache_ext`, built from csrc/cache/) behind
-exactly the Python API of `engine.allocator.PageAllocator` and `engine.radix_cache.
+"""The C++ page allocator and radix cache (`brorl.engine._cache_ext`, built from csrc/cache/) behind
+exactly the Python API of `brorl.engine.allocator.PageAllocator` and `brorl.engine.radix_cache.
 RadixCache`, and the factory that picks one implementation for the engine.
 
 Which one runs: `BRORL_CACHE_IMPL=python|cpp` forces one (cpp without the built extension
@@ -26,8 +26,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from engine.allocator import OutOfPages, PageAllocator
-from engine.radix_cache import RadixCache
+from brorl.engine.allocator import OutOfPages, PageAllocator
+from brorl.engine.radix_cache import RadixCache
 
 ENV_VAR = "BRORL_CACHE_IMPL"
 CACHE_IMPLS = ("auto", "python", "cpp")
@@ -37,11 +37,11 @@ __all__ = ["CppPageAllocator", "CppRadixCache", "OutOfPages", "cache_impl", "ext
 
 
 def _ext() -> Any:
-    return importlib.import_module("engine._cache_ext")
+    return importlib.import_module("brorl.engine._cache_ext")
 
 
 def extension_built() -> bool:
-    """True when `engine._cache_ext` imports (built by `python setup.py build_ext`)."""
+    """True when `brorl.engine._cache_ext` imports (built by `python setup.py build_ext`)."""
     try:
         _ext()
     except ImportError:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-from engine.allocator import OutOfPages
-from engine.cache_ext import make_cache
-from engine.kv_pool import KVPool
-from engine.request import Group, Sequence, pages_for
+from brorl.engine.allocator import OutOfPages
+from brorl.engine.cache_ext import make_cache
+from brorl.engine.kv_pool import KVPool
+from brorl.engine.request import Group, Sequence, pages_for
 
 
 class CacheManager:

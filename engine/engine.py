@@ -10,22 +10,22 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from engine.attention import make_backend
-from engine.cache_manager import CacheManager
-from engine.config import EngineConfig, ModelConfig, with_tokenizer_eos
-from engine.inputs import normalize_params, normalize_prompts, tokenize, validate
-from engine.kv_pool import KVPool, num_pages_that_fit
-from engine.merging import assign_rows, distinct_contexts, sampler_rows
-from engine.model_runner import ModelRunner
-from engine.models.decoder import DecoderLM
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.request import Group, Sequence, Status
-from engine.sampler import Sampler
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Plan, Scheduler
-from engine.stop import StopChecker
-from engine.tokenizer import load_tokenizer
-from kernels.transfer import upload
+from brorl.engine.attention import make_backend
+from brorl.engine.cache_manager import CacheManager
+from brorl.engine.config import EngineConfig, ModelConfig, with_tokenizer_eos
+from brorl.engine.inputs import normalize_params, normalize_prompts, tokenize, validate
+from brorl.engine.kv_pool import KVPool, num_pages_that_fit
+from brorl.engine.merging import assign_rows, distinct_contexts, sampler_rows
+from brorl.engine.model_runner import ModelRunner
+from brorl.engine.models.decoder import DecoderLM
+from brorl.engine.outputs import CompletionOutput, RequestOutput
+from brorl.engine.request import Group, Sequence, Status
+from brorl.engine.sampler import Sampler
+from brorl.engine.sampling_params import SamplingParams
+from brorl.engine.scheduler import Plan, Scheduler
+from brorl.engine.stop import StopChecker
+from brorl.engine.tokenizer import load_tokenizer
+from brorl.kernels.transfer import upload
 
 _LOGITS_BYTES_PER_STEP = 1 << 30  # default batch cap: at most ~1 GB of float32 logits
 

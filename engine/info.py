@@ -1,4 +1,4 @@
-"""`brorl info` / `python -m engine.info`: package versions, CUDA and GPU, which optional C++
+"""`brorl info` / `python -m brorl.engine.info`: package versions, CUDA and GPU, which optional C++
 extensions are built, and which radix cache, allocator, attention backend and sampler an
 Engine would use here. Each choice is asked from the function the engine itself calls, so
 the report cannot drift from what runs. `--json` prints one JSON object."""
@@ -31,13 +31,13 @@ def package_version(module: str) -> str:
 
 
 def _extensions() -> dict[str, bool]:
-    from engine.cache_ext import extension_built
-    from kernels.cascade_cuda import cuda_ext_built
-    from kernels.decode_attention_cpp import attention_ext_built
+    from brorl.engine.cache_ext import extension_built
+    from brorl.kernels.cascade_cuda import cuda_ext_built
+    from brorl.kernels.decode_attention_cpp import attention_ext_built
 
-    return {"engine._cache_ext": extension_built(),
-            "kernels._attention_ext": attention_ext_built(),
-            "kernels._cuda_ext": cuda_ext_built()}
+    return {"brorl.engine._cache_ext": extension_built(),
+            "brorl.kernels._attention_ext": attention_ext_built(),
+            "brorl.kernels._cuda_ext": cuda_ext_built()}
 
 
 def _choice(fn, *args) -> str:
@@ -53,11 +53,11 @@ def collect(device: str | None = None, dtype: str = "float32") -> dict:
     (default: "cuda" when a GPU is visible, else "cpu"); dtype: its dtype."""
     import torch
 
-    from engine.attention import default_backend
-    from engine.cache_ext import cache_impl
-    from engine.config import DTYPES
-    from kernels.linear import default_linear_backend
-    from kernels.sampling import _auto_impl
+    from brorl.engine.attention import default_backend
+    from brorl.engine.cache_ext import cache_impl
+    from brorl.engine.config import DTYPES
+    from brorl.kernels.linear import default_linear_backend
+    from brorl.kernels.sampling import _auto_impl
 
     cuda = torch.cuda.is_available()
     device = device or ("cuda" if cuda else "cpu")
@@ -101,15 +101,15 @@ def format_text(info: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m engine.info` (and `brorl info` through trainer/cli.py)."""
-    ap = argparse.ArgumentParser(prog="python -m engine.info",
+    """Entry point of `python -m brorl.engine.info` (and `brorl info` through trainer/cli.py)."""
+    ap = argparse.ArgumentParser(prog="python -m brorl.engine.info",
                                  description=__doc__.split("\n\n")[0])
     add_arguments(ap)
     return run(ap.parse_args(argv))
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of `info`, shared by `python -m engine.info` and `brorl info`."""
+    """The options of `info`, shared by `python -m brorl.engine.info` and `brorl info`."""
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--device", default=None,
                     help="the Engine device to report for (default: cuda if visible, else cpu)")

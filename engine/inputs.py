@@ -6,9 +6,9 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence as Seq
 
-from engine.config import ModelConfig
-from engine.request import min_pool_pages
-from engine.sampling_params import SamplingParams
+from brorl.engine.config import ModelConfig
+from brorl.engine.request import min_pool_pages
+from brorl.engine.sampling_params import SamplingParams
 
 
 def normalize_prompts(prompts) -> list:

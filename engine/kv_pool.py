@@ -10,8 +10,8 @@ import weakref
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from kernels.transfer import upload
+from brorl.engine.config import EngineConfig, ModelConfig
+from brorl.kernels.transfer import upload
 
 
 class KVPool:

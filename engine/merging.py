@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.request import Sequence
-from kernels.transfer import upload
+from brorl.engine.request import Sequence
+from brorl.kernels.transfer import upload
 
 # Merged decode rows feed the sampler as they are (each row's weights once, a binary search
 # per sample) when there are at most 1/16 as many rows as samples; otherwise the rows are

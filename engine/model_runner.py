@@ -8,11 +8,11 @@ import time
 import numpy as np
 import torch
 
-from engine.attention import DecodeMeta, ExtendMeta
-from engine.models.decoder import DecoderLM
-from engine.request import Sequence
-from engine.scheduler import ExtendItem
-from kernels.transfer import upload
+from brorl.engine.attention import DecodeMeta, ExtendMeta
+from brorl.engine.models.decoder import DecoderLM
+from brorl.engine.request import Sequence
+from brorl.engine.scheduler import ExtendItem
+from brorl.kernels.transfer import upload
 
 # DecodeMeta's tensor fields after `slots`, in order
 _DECODE_FIELDS = ("page_table", "seq_lens", "group_rows", "prefix_pages", "prefix_lens",

@@ -22,7 +22,7 @@ import heapq
 import itertools
 from collections import Counter
 
-from engine.allocator import PageAllocator
+from brorl.engine.allocator import PageAllocator
 
 
 class RadixNode:

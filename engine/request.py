@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.radix_cache import RadixNode
-from engine.sampling_params import SamplingParams
+from brorl.engine.radix_cache import RadixNode
+from brorl.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import torch
 
-from engine.request import Sequence
-from kernels.sampling import HostFlags, row_keys, sample, sample_rows_ref
-from kernels.transfer import upload
+from brorl.engine.request import Sequence
+from brorl.kernels.sampling import HostFlags, row_keys, sample, sample_rows_ref
+from brorl.kernels.transfer import upload
 
 
 class Sampler:

@@ -13,9 +13,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.cache_manager import CacheManager
-from engine.config import EngineConfig
-from engine.request import Group, Sequence, Status, pages_for
+from brorl.engine.cache_manager import CacheManager
+from brorl.engine.config import EngineConfig
+from brorl.engine.request import Group, Sequence, Status, pages_for
 
 
 @dataclass

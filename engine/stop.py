@@ -53,8 +53,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from engine.request import Sequence
-from engine.sampling_params import SamplingParams
+from brorl.engine.request import Sequence
+from brorl.engine.sampling_params import SamplingParams
 
 _EDGE_CHARS = 4  # characters at either end of a decoded window that may differ
 _FFFD = "\ufffd"  # the replacement character: bytes that do not make a whole character

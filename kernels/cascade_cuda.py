@@ -1,4 +1,4 @@
-"""CUDA cascade decode and LSE merge (csrc/cuda, built into `kernels._cuda_ext` only when
+"""CUDA cascade decode and LSE merge (csrc/cuda, built into `brorl.kernels._cuda_ext` only when
 nvcc and a CUDA build of torch exist). Launchers with the contracts of
 `cascade_decode_ref`, `paged_decode_ref` and `merge_states_ref` in
 kernels/decode_attention.py, on CUDA tensors: float32 or bfloat16 KV, float32 outputs.
@@ -16,7 +16,7 @@ import torch
 @lru_cache(maxsize=1)
 def _ext():
     try:
-        return importlib.import_module("kernels._cuda_ext")
+        return importlib.import_module("brorl.kernels._cuda_ext")
     except ImportError:
         return None
 
@@ -28,7 +28,7 @@ def cuda_ext_built() -> bool:
 
 def _require_ext():
     if _ext() is None:
-        raise ImportError("kernels._cuda_ext is not built (needs nvcc and a CUDA build of "
+        raise ImportError("brorl.kernels._cuda_ext is not built (needs nvcc and a CUDA build of "
                           "torch at `python setup.py build_ext --inplace`)")
     return _ext()
 

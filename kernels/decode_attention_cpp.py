@@ -1,5 +1,5 @@
 """CPU fast path of paged and cascade decode attention in C++ with OpenMP
-(csrc/attention, built into `kernels._attention_ext` by `python setup.py build_ext
+(csrc/attention, built into `brorl.kernels._attention_ext` by `python setup.py build_ext
 --inplace`). Same contracts as `paged_decode_ref` and `cascade_decode_ref` in
 kernels/decode_attention.py; float32 or bfloat16 KV (accumulated in float32). The
 extension is imported lazily: `attention_ext_built()` says whether it is there."""
@@ -15,7 +15,7 @@ import torch
 @lru_cache(maxsize=1)
 def _ext():
     try:
-        return importlib.import_module("kernels._attention_ext")
+        return importlib.import_module("brorl.kernels._attention_ext")
     except ImportError:
         return None
 
@@ -28,7 +28,7 @@ def attention_ext_built() -> bool:
 def _require_ext():
     ext = _ext()
     if ext is None:
-        raise ImportError("kernels._attention_ext is not built; run `python setup.py "
+        raise ImportError("brorl.kernels._attention_ext is not built; run `python setup.py "
                           "build_ext --inplace` (needs a C++ compiler and pybind11)")
     return ext
 

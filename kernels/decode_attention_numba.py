@@ -2,7 +2,8 @@
 fused, parallel kernel per (row, KV head) that reads K/V straight from the pages (no
 gather), computes the scores of the query heads sharing that KV head, a two-pass
 softmax and the weighted sum of V. float32 only. Imported lazily (compiles on first use,
-then cached on disk)."""
+then cached on disk, in kernels/__pycache__, keyed by this file's path and modification
+time)."""
 
 from __future__ import annotations
 

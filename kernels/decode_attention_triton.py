@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import (
+from brorl.kernels.triton_common import (
     LOG2E,
     check_cache,
     check_device,
@@ -38,7 +38,7 @@ PREFIX_WARPS = 8
 
 
 def prefix_block_n(dtype: torch.dtype) -> int:
-    """Prefix keys per step. At head dim 128 on sm_90 (`python -m kernels.triton_aot`,
+    """Prefix keys per step. At head dim 128 on sm_90 (`python -m brorl.kernels.triton_aot`,
     bench/results/triton-resources-sm90.json), 64 with 8 warps compiles without spills in
     bf16; float32's exact products run on the FMA units, whose 64-key tiles spilled 14 KB
     a thread, 32-key ones none. Chosen from the compiled kernels' resources, not timed."""

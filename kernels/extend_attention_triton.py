@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.transfer import upload
-from kernels.triton_common import LOG2E, check_cache, check_int, dot_precision
+from brorl.kernels.transfer import upload
+from brorl.kernels.triton_common import LOG2E, check_cache, check_int, dot_precision
 
 EXTEND_BLOCK_M = 32  # new tokens per program
 EXTEND_BLOCK_N = 64  # keys per step
@@ -153,7 +153,7 @@ def extend_attention_packed(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def _warps(dtype: torch.dtype) -> int:
     """8 warps for float32, whose exact products run on the FMA units: at head dim 128 on
-    sm_90 (`python -m kernels.triton_aot`) 4 warps spilled 15 KB a thread, 8 none; 4 for
+    sm_90 (`python -m brorl.kernels.triton_aot`) 4 warps spilled 15 KB a thread, 8 none; 4 for
     the half types (168 registers, no spills). From the compiled kernels, not timed."""
     return 8 if dtype == torch.float32 else 4
 

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import check_float
+from brorl.kernels.triton_common import check_float
 
 
 @triton.jit

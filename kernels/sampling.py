@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.transfer import upload
+from brorl.kernels.transfer import upload
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -221,12 +221,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if impl == "auto":
         impl = _auto_impl(logits.device)
     if impl == "triton":
-        from kernels.sampling_triton import sample_triton
+        from brorl.kernels.sampling_triton import sample_triton
 
         return sample_triton(logits, temperature, top_k, top_p, min_p, keys, banned)
     if impl == "torch":
         return sample_ref(logits, temperature, top_k, top_p, min_p, keys, banned, host)
-    from kernels.sampling_numba import sample_numba
+    from brorl.kernels.sampling_numba import sample_numba
 
     if host is None:
         truncating = bool((top_k > 0).any() or (top_p < 1.0).any() or (min_p > 0).any())

@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sampling import uniforms
-from kernels.transfer import upload
-from kernels.triton_common import check_float
+from brorl.kernels.sampling import uniforms
+from brorl.kernels.transfer import upload
+from brorl.kernels.triton_common import check_float
 
 BLOCK = 1024  # tokens per block of the sum and walk passes
 SEARCH_BLOCK = 128  # tokens per block of a search pass (a [block, NT] tile)

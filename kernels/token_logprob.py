@@ -114,7 +114,7 @@ class TokenLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, impl, chunk):
         if impl == "triton":
-            from kernels.token_logprob_triton import token_stats_triton
+            from brorl.kernels.token_logprob_triton import token_stats_triton
 
             logp, entropy, lse = token_stats_triton(hidden, weight, bias, targets, temperature)
         else:

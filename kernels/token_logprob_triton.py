@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.token_logprob import _check
-from kernels.triton_common import check_device, dot_precision, interpreted
+from brorl.kernels.token_logprob import _check
+from brorl.kernels.triton_common import check_device, dot_precision, interpreted
 
 
 @triton.jit

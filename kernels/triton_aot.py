@@ -3,8 +3,8 @@ reports what each compiled kernel needs: shared memory, registers, spills. So GP
 cannot rot between GPU sessions, and a tile that would not fit, or would spill, shows up on
 a CPU machine. Two steps, each in its own process (the interpreter is chosen at import):
 
-  TRITON_INTERPRET=1 python -m kernels.triton_aot capture OUT.json [--shapes small|real]
-  TRITON_INTERPRET=0 python -m kernels.triton_aot compile OUT.json [--arch 90]
+  TRITON_INTERPRET=1 python -m brorl.kernels.triton_aot capture OUT.json [--shapes small|real]
+  TRITON_INTERPRET=0 python -m brorl.kernels.triton_aot compile OUT.json [--arch 90]
                                                   [--resources RES.json]
 
 `capture` runs each launcher once on CPU inputs under the interpreter and records every
@@ -104,8 +104,8 @@ def _attention(q, kc, vc, splits: int, gen) -> None:
     """Paged decode (one and `splits` splits), cascade decode and extend on 3 rows."""
     import torch
 
-    from kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
-    from kernels.extend_attention_triton import extend_attention_triton
+    from brorl.kernels.decode_attention_triton import cascade_decode_triton, paged_decode_triton
+    from brorl.kernels.extend_attention_triton import extend_attention_triton
 
     ps = kc.shape[1]
     pt = torch.tensor([[0, 1], [2, 3], [4, 5]])
@@ -129,11 +129,11 @@ def _rows(x, q, vocab: int, hidden: int, gen) -> None:
     import numpy as np
     import torch
 
-    from kernels.norm_triton import add_rms_norm_triton, rms_norm_triton
-    from kernels.rope_triton import apply_rope_triton
-    from kernels.sampling import row_keys
-    from kernels.sampling_triton import sample_triton
-    from kernels.token_logprob import token_logprob_entropy
+    from brorl.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton
+    from brorl.kernels.rope_triton import apply_rope_triton
+    from brorl.kernels.sampling import row_keys
+    from brorl.kernels.sampling_triton import sample_triton
+    from brorl.kernels.token_logprob import token_logprob_entropy
 
     dt = x.dtype
     w = torch.randn(x.shape[1], generator=gen).to(dt)
@@ -155,7 +155,7 @@ def _rows(x, q, vocab: int, hidden: int, gen) -> None:
 def _launch_real(models: list[str], context: dict) -> None:
     import torch
 
-    import kernels.token_logprob_triton as tlt
+    import brorl.kernels.token_logprob_triton as tlt
 
     tlt.interpreted = lambda: False  # record the GPU's tiles, not the interpreter's
     g = torch.Generator().manual_seed(0)

@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from trainer.config import TrainConfig
-from trainer.config_load import describe, load_config
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.config_load import describe, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_config(args, run_dir) -> TrainConfig:
     """--config, else the run's own config.yaml when `run_dir` is a run that has one (as
     --resume and `brorl eval RUN_DIR` use it), else the shipped demo; then the overrides."""
-    from trainer.checkpoint import RUN_CONFIG
+    from brorl.trainer.checkpoint import RUN_CONFIG
 
     saved = Path(run_dir) / RUN_CONFIG if run_dir else None
     if args.config is None and saved is not None and saved.is_file():
@@ -65,19 +65,19 @@ def _load_config(args, run_dir) -> TrainConfig:
 
 
 def _train(args) -> int:
-    from trainer.loop import check_inputs, train
+    from brorl.trainer.loop import check_inputs, train
 
     if args.launcher:
         args.overrides = [*args.overrides, f"launcher={args.launcher}"]
     cfg = _load_config(args, args.resume)
     check_inputs(cfg)
     if cfg.launcher == "ray":
-        from trainer.launch_ray import train_ray as train
+        from brorl.trainer.launch_ray import train_ray as train
     run_dir = Path(args.resume or cfg.output_dir)
     try:
         result = train(cfg, resume=args.resume)
     except KeyboardInterrupt:
-        from trainer.checkpoint import checkpoint_dirs
+        from brorl.trainer.checkpoint import checkpoint_dirs
 
         ckpts = checkpoint_dirs(run_dir)
         print("\nbrorl train: interrupted; " + (
@@ -99,11 +99,11 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from trainer.checkpoint import CHECKPOINTS, latest_checkpoint
-    from trainer.data import load_problems
-    from trainer.evaluate import evaluate
-    from trainer.loop import local_engine
-    from trainer.verifiers import VerifierPool
+    from brorl.trainer.checkpoint import CHECKPOINTS, latest_checkpoint
+    from brorl.trainer.data import load_problems
+    from brorl.trainer.evaluate import evaluate
+    from brorl.trainer.loop import local_engine
+    from brorl.trainer.verifiers import VerifierPool
 
     path = Path(args.checkpoint)
     run_dir = (path if (path / CHECKPOINTS).is_dir() else
@@ -122,19 +122,19 @@ def _eval(args) -> int:
 
 
 def _info_arguments(parser) -> None:
-    from engine.info import add_arguments
+    from brorl.engine.info import add_arguments
 
     add_arguments(parser)
 
 
 def _info(args) -> int:
-    from engine.info import run
+    from brorl.engine.info import run
 
     return run(args)
 
 
 def _plot(args) -> int:
-    from trainer.plot import plot_run
+    from brorl.trainer.plot import plot_run
 
     for out in plot_run(args.run_dir, args.out):
         print(f"wrote {out}")

@@ -56,7 +56,7 @@ class ModelConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f'model.device must be "auto", "cpu", "cuda" or "cuda:N", got '
                              f"{self.device!r}")
-        from engine.config import DTYPES  # the engine's own list
+        from brorl.engine.config import DTYPES  # the engine's own list
 
         _choice(self, "dtype", DTYPES)
 
@@ -167,7 +167,7 @@ class RolloutConfig:
         if self.temperature <= 0:
             raise ValueError("rollout.temperature must be > 0 for RL sampling")
         _sampling("rollout", self.sampling)
-        from engine.attention import BACKENDS, LAZY_BACKENDS
+        from brorl.engine.attention import BACKENDS, LAZY_BACKENDS
 
         _choice(self, "attention_backend", ("auto", *BACKENDS, *LAZY_BACKENDS))
 
@@ -228,7 +228,7 @@ class AlgorithmConfig:
         _choice(self, "kl_estimator", ("k1", "k2", "k3"))
         _choice(self, "loss_agg", ("token-mean", "seq-mean-token-mean"))
         # the checks the loss makes at the first update, made before the first rollout
-        from trainer.algorithms import ESTIMATORS
+        from brorl.trainer.algorithms import ESTIMATORS
 
         _choice(self, "advantage", tuple(sorted(ESTIMATORS)))
         if not 0.0 <= self.eps_low < 1.0:
@@ -434,7 +434,7 @@ def _stop(stop: list | None) -> dict:
 def _sampling(section: str, params: dict) -> None:
     """Checks sampling options as the engine will, so that a bad value fails before the
     policy is built or loaded rather than at the first generate call."""
-    from engine.sampling_params import SamplingParams
+    from brorl.engine.sampling_params import SamplingParams
 
     try:
         SamplingParams(**params)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import (
+from brorl.trainer.config import (
     AlgorithmConfig,
     DataConfig,
     DemoConfig,

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import DataConfig
-from trainer.verifiers import get_verifier
+from brorl.trainer.config import DataConfig
+from brorl.trainer.verifiers import get_verifier
 
 GYM_PREFIX = "gym:"
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import DemoConfig
+from brorl.trainer.config import DemoConfig
 
 log = logging.getLogger(__name__)
 

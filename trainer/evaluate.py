@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from trainer.config import TrainConfig
-from trainer.data import Problem
-from trainer.rollout import generate_groups, sample_seed
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.data import Problem
+from brorl.trainer.rollout import generate_groups, sample_seed
 
 _EVAL_STEP = 10**9  # keeps evaluation seeds apart from rollout seeds
 

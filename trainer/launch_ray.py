@@ -1,6 +1,6 @@
 """`brorl train --launcher ray`: the trainer and the rollout workers as Ray actors.
 
-The trainer actor runs the embedded loop itself (`trainer.loop.train`: rollouts, update,
+The trainer actor runs the embedded loop itself (`brorl.trainer.loop.train`: rollouts, update,
 metrics, evaluation, checkpoints) with one change: its engine is a `RayEngines`, which
 spreads each `generate` call over the workers (all N samples of a prompt on one worker, so
 they share its prefix cache) and whose `update_weights` broadcasts the trainer's weights to
@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from trainer.config import TrainConfig
+from brorl.trainer.config import TrainConfig
 
 log = logging.getLogger("brorl")
 _ENGINE_SETTINGS = ("page_size",)  # numbers in Engine.stats() that are not counters
@@ -32,7 +32,7 @@ _ENGINE_SETTINGS = ("page_size",)  # numbers in Engine.stats() that are not coun
 
 def train_ray(cfg: TrainConfig, resume: str | None = None) -> dict:
     """Runs the loop on Ray (starting a local Ray unless ray.address is set); returns what
-    `trainer.loop.train` returns."""
+    `brorl.trainer.loop.train` returns."""
     try:
         import ray
     except ImportError as err:
@@ -80,17 +80,17 @@ class TrainerActor:
         """host:port for the trainers' data-parallel group, on this actor's node."""
         import ray
 
-        from trainer.weight_sync.channel import free_port
+        from brorl.trainer.weight_sync.channel import free_port
 
         host = ray.util.get_node_ip_address()
         return f"{host}:{free_port(host)}"
 
     def train(self, cfg: TrainConfig, resume: str | None, rank: int = 0,
               world_size: int = 1, address: str = "") -> dict:
-        """`trainer.loop.train` with the rollout workers as its engine (rank 0), or as one
+        """`brorl.trainer.loop.train` with the rollout workers as its engine (rank 0), or as one
         more FSDP2 rank of the trainers' data-parallel group."""
-        from trainer.loop import train
-        from trainer.parallel import close_group, init_group
+        from brorl.trainer.loop import train
+        from brorl.trainer.parallel import close_group, init_group
 
         def make_engine(path: str, cfg: TrainConfig) -> RayEngines:
             self.engines = RayEngines(path, cfg)
@@ -112,7 +112,7 @@ class RolloutWorker:
     """One engine on its own device, and the receiving end of the weight-sync group."""
 
     def __init__(self, path: str, cfg: TrainConfig, num_threads: float = 1) -> None:
-        from trainer.loop import local_engine
+        from brorl.trainer.loop import local_engine
 
         torch.set_num_threads(max(1, int(num_threads)))
         self.engine = local_engine(path, cfg)
@@ -124,7 +124,7 @@ class RolloutWorker:
 
     def join(self, transport: str, host: str, port: int, rank: int, world_size: int,
              timeout_s: float, shared_memory: bool = True) -> None:
-        from trainer.weight_sync import make_receiver
+        from brorl.trainer.weight_sync import make_receiver
 
         self.receiver = make_receiver(transport, self.engine, host=host, port=port,
                                       rank=rank, world_size=world_size, timeout_s=timeout_s,
@@ -137,7 +137,7 @@ class RolloutWorker:
         return self.engine.generate(prompts, params)
 
     def probe_logits(self, ids: list[int]) -> torch.Tensor:
-        from trainer.weight_sync.probe import engine_logits
+        from brorl.trainer.weight_sync.probe import engine_logits
 
         return engine_logits(self.engine, ids)
 
@@ -155,9 +155,9 @@ class RayEngines:
     def __init__(self, path: str, cfg: TrainConfig) -> None:
         import ray
 
-        from engine.tokenizer import load_tokenizer
-        from trainer.weight_sync import make_sender
-        from trainer.weight_sync.channel import free_port
+        from brorl.engine.tokenizer import load_tokenizer
+        from brorl.trainer.weight_sync import make_sender
+        from brorl.trainer.weight_sync.channel import free_port
 
         self._ray = ray
         r, rc = cfg.rollout, cfg.ray
@@ -200,7 +200,7 @@ class RayEngines:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = False) -> list:
         """Like `Engine.generate`: prompt i goes whole (all its samples) to worker
         i mod W; the outputs come back in prompt order."""
-        from engine.inputs import normalize_params, normalize_prompts
+        from brorl.engine.inputs import normalize_params, normalize_prompts
 
         prompts = normalize_prompts(prompts)
         params = normalize_params(sampling_params, len(prompts))

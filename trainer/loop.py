@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine import Engine
-from trainer.checkpoint import (
+from brorl.engine import Engine
+from brorl.trainer.checkpoint import (
     RUN_CONFIG,
     latest_checkpoint,
     rng_state,
 )
-from trainer.config import TrainConfig
-from trainer.config_load import to_dict
-from trainer.data import GYM_PREFIX, ProblemStream, load_problems
-from trainer.evaluate import evaluate
-from trainer.metrics import MetricsWriter, read_metrics
-from trainer.parallel import (
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.config_load import to_dict
+from brorl.trainer.data import GYM_PREFIX, ProblemStream, load_problems
+from brorl.trainer.evaluate import evaluate
+from brorl.trainer.metrics import MetricsWriter, read_metrics
+from brorl.trainer.parallel import (
     SINGLE,
     DataParallel,
     MainRankError,
@@ -43,13 +43,13 @@ from trainer.parallel import (
     on_main,
     plain_copy,
 )
-from trainer.policy import load_policy
-from trainer.rollout import collect_rollouts
-from trainer.run_state import claim_run_dir, restore_run, save_interrupted, save_run
-from trainer.update import policy_update
-from trainer.verifiers import VerifierPool
-from trainer.weight_sync import InProcessSender, WeightSyncError
-from trainer.weight_sync.probe import probe_check
+from brorl.trainer.policy import load_policy
+from brorl.trainer.rollout import collect_rollouts
+from brorl.trainer.run_state import claim_run_dir, restore_run, save_interrupted, save_run
+from brorl.trainer.update import policy_update
+from brorl.trainer.verifiers import VerifierPool
+from brorl.trainer.weight_sync import InProcessSender, WeightSyncError
+from brorl.trainer.weight_sync.probe import probe_check
 
 log = logging.getLogger("brorl")
 
@@ -345,7 +345,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 def _initial_policy(cfg: TrainConfig) -> str:
     if cfg.model.path == "demo":
-        from trainer.demo import demo_policy
+        from brorl.trainer.demo import demo_policy
 
         if cfg.data.train == "gym:chain_sum" and cfg.data.gym_kwargs != cfg.demo.task_kwargs:
             log.warning("the demo policy is warm-started on chain_sum %s but trains and "

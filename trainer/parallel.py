@@ -80,7 +80,7 @@ def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device,
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from trainer.policy import SCORER_ATTR, Scorer
+    from brorl.trainer.policy import SCORER_ATTR, Scorer
 
     mesh = init_device_mesh(device.type, (dp.world_size,))
     units = [fully_shard(layer, mesh=mesh) for layer in _decoder_layers(model)]
@@ -107,11 +107,11 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.policy import _no_dropout
+    from brorl.trainer.policy import _no_dropout
 
     if not dp.enabled:
         raise ValueError("load_sharded_policy needs a data-parallel group; use "
-                         "trainer.policy.load_policy without one")
+                         "brorl.trainer.policy.load_policy without one")
     model = on_main(lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                     dp)
     config = broadcast_object(model.config.to_dict() if dp.is_main else None, dp)
@@ -128,7 +128,7 @@ def load_sharded_policy(path: str, dp: DataParallel, device: torch.device,
     for p in model.parameters():
         p.requires_grad_(not frozen)
     if checkpointing and not frozen:  # before sharding: each layer unit recomputes itself
-        from trainer.policy import enable_checkpointing
+        from brorl.trainer.policy import enable_checkpointing
 
         enable_checkpointing(model)
     model = shard(model, dp, device, frozen)
@@ -164,7 +164,7 @@ def parameters_on_meta():
 
 
 def _root(model: torch.nn.Module) -> torch.nn.Module:
-    from trainer.policy import SCORER_ATTR
+    from brorl.trainer.policy import SCORER_ATTR
 
     return getattr(model, SCORER_ATTR)
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.metrics import read_metrics
+from brorl.trainer.metrics import read_metrics
 
 DEFAULT_FILE = "curves.png"
 

@@ -113,7 +113,7 @@ def _token_logprobs(model, ids, targets, mask, temperature, chunk, with_entropy)
     flat_h = hidden[mask]
     flat_t = targets[mask]
     if _use_triton(flat_h, head.weight):  # fused Triton forward on CUDA, same contract
-        from kernels.token_logprob import token_logprob_entropy
+        from brorl.kernels.token_logprob import token_logprob_entropy
 
         stats = torch.stack(token_logprob_entropy(flat_h, head.weight, flat_t, head.bias,
                                                   temperature, impl="triton"))
@@ -133,7 +133,7 @@ def _token_logprobs(model, ids, targets, mask, temperature, chunk, with_entropy)
 def _use_triton(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
     if hidden.device.type != "cuda" or hidden.dtype != weight.dtype or hidden.shape[0] == 0:
         return False
-    from kernels.token_logprob import _triton_available
+    from brorl.kernels.token_logprob import _triton_available
 
     return _triton_available()
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import SamplingParams
-from trainer.algorithms import group_keep_mask, predicted_keep_rate_of
-from trainer.config import TrainConfig
-from trainer.coverage import unsampled_mass
-from trainer.data import Problem, ProblemStream, render_prompt, system_prompt
-from trainer.verifiers import VerifyItem
+from brorl.engine import SamplingParams
+from brorl.trainer.algorithms import group_keep_mask, predicted_keep_rate_of
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.coverage import unsampled_mass
+from brorl.trainer.data import Problem, ProblemStream, render_prompt, system_prompt
+from brorl.trainer.verifiers import VerifyItem
 
 log = logging.getLogger("brorl")
 

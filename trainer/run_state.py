@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.checkpoint import (
+from brorl.trainer.checkpoint import (
     CHECKPOINTS,
     checkpoint_dirs,
     load_state,
@@ -19,10 +19,10 @@ from trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from trainer.config import TrainConfig
-from trainer.config_load import to_dict
-from trainer.metrics import METRICS_FILE, TB_DIR
-from trainer.parallel import (
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.config_load import to_dict
+from brorl.trainer.metrics import METRICS_FILE, TB_DIR
+from brorl.trainer.parallel import (
     broadcast_object,
     full_state,
     load_full_state,
@@ -32,7 +32,7 @@ from trainer.parallel import (
 )
 
 if TYPE_CHECKING:
-    from trainer.loop import Run
+    from brorl.trainer.loop import Run
 
 log = logging.getLogger("brorl")
 
@@ -118,7 +118,7 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
             raise ValueError(f"overwrite=true would delete {value}, which this run reads; "
                              "copy it out of the old run first")
     log.warning("overwrite=true: deleting the run in %s", run_dir)
-    from trainer.plot import DEFAULT_FILE
+    from brorl.trainer.plot import DEFAULT_FILE
 
     for p in [*held, run_dir / DEFAULT_FILE]:  # the old run's curves too, if plotted
         if p.is_dir():

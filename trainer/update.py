@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.algorithms import (
+from brorl.trainer.algorithms import (
     aggregate_loss,
     compute_advantages,
     kl_penalty,
@@ -24,10 +24,10 @@ from trainer.algorithms import (
     ppo_clip_loss,
     tis_weights,
 )
-from trainer.config import TrainConfig
-from trainer.parallel import SINGLE, DataParallel, all_gather_objects, sum_metrics, total_norm
-from trainer.policy import pad_batch, token_logprobs
-from trainer.rollout import Group
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.parallel import SINGLE, DataParallel, all_gather_objects, sum_metrics, total_norm
+from brorl.trainer.policy import pad_batch, token_logprobs
+from brorl.trainer.rollout import Group
 
 
 @dataclass

@@ -1,4 +1,4 @@
-// pybind11 binding of the CPU attention kernels (module kernels._attention_ext). Takes numpy
+// pybind11 binding of the CPU attention kernels (module brorl.kernels._attention_ext). Takes numpy
 // arrays (torch tensors via .numpy(), zero-copy; bfloat16 KV as its int16/uint16 bits),
 // checks every input, and raises ValueError (std::invalid_argument) or IndexError
 // (std::out_of_range) instead of reading out of bounds. The GIL is released while the
@@ -184,10 +184,10 @@ PYBIND11_MODULE(_attention_ext, m) {
   m.doc() = "CPU (OpenMP) paged and cascade decode attention over the engine's KV pages";
   m.def("paged_decode", &paged_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("page_table"), py::arg("seq_lens"), py::arg("scale"),
-        "(out float32 [B, H, D], lse float32 [B, H]) as kernels.decode_attention."
+        "(out float32 [B, H, D], lse float32 [B, H]) as brorl.kernels.decode_attention."
         "paged_decode_ref returns");
   m.def("cascade_decode", &cascade_decode, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("group_rows"), py::arg("prefix_pages"),
         py::arg("prefix_lens"), py::arg("suffix_pages"), py::arg("suffix_lens"),
-        py::arg("scale"), "out float32 [B, H, D] as kernels.decode_attention.cascade_decode_ref");
+        py::arg("scale"), "out float32 [B, H, D] as brorl.kernels.decode_attention.cascade_decode_ref");
 }

@@ -1,8 +1,8 @@
-// pybind11 bindings of the page allocator and the radix tree: `engine._cache_ext`.
+// pybind11 bindings of the page allocator and the radix tree: `brorl.engine._cache_ext`.
 // engine/cache_ext.py wraps these classes in the Python API of engine/allocator.py and
 // engine/radix_cache.py. Caller errors arrive as ValueError (std::invalid_argument),
 // IndexError (std::out_of_range), TypeError (a token or page that is not an int),
-// RuntimeError (flush while locked) and engine.allocator.OutOfPages.
+// RuntimeError (flush while locked) and brorl.engine.allocator.OutOfPages.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -186,7 +186,7 @@ PYBIND11_MODULE(_cache_ext, m) {
       if (p) std::rethrow_exception(p);
     } catch (const brorl::OutOfPagesError& e) {
       try {
-        py::object cls = py::module_::import("engine.allocator").attr("OutOfPages");
+        py::object cls = py::module_::import("brorl.engine.allocator").attr("OutOfPages");
         PyErr_SetString(cls.ptr(), e.what());
       } catch (py::error_already_set&) {
         PyErr_SetString(PyExc_RuntimeError, e.what());

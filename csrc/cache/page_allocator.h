@@ -12,7 +12,7 @@
 namespace brorl {
 
 // Thrown by alloc when too few pages are free; the binding maps it to
-// engine.allocator.OutOfPages.
+// brorl.engine.allocator.OutOfPages.
 struct OutOfPagesError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };

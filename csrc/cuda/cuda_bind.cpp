@@ -1,4 +1,4 @@
-// pybind11 binding of the CUDA decode-attention kernels (module kernels._cuda_ext) on raw
+// pybind11 binding of the CUDA decode-attention kernels (module brorl.kernels._cuda_ext) on raw
 // device pointers passed as ints, with shapes as ints; no CUDA or torch headers. The typed,
 // checking launcher is kernels/cascade_cuda.py; this layer checks what it can without
 // touching device memory (sizes, ratios, null pointers) and turns CUDA errors into

@@ -7,7 +7,7 @@ Distributed weight sync, the engine's half: `init_weight_sync` wraps SGLang's
 version) into `update_weights_from_distributed`. Both calls block until the other side has
 done its part: the rendezvous, then one broadcast per tensor from rank 0 in manifest order
 on a torch process group that SGLang builds itself (SGLang's per-tensor protocol, not our
-byte buckets). The trainer's half is `trainer.weight_sync.sglang.SGLangSender`, which runs
+byte buckets). The trainer's half is `brorl.trainer.weight_sync.sglang.SGLangSender`, which runs
 these calls in threads while it joins and broadcasts. SGLang checks no name or shape
 before it receives, and many of its models' loaders skip a name they do not know with a
 log line and answer success: `check_manifest` checks names and shapes against the local
@@ -35,9 +35,9 @@ import functools
 import os
 import threading
 
-from engine.inputs import normalize_params, normalize_prompts
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from brorl.engine.inputs import normalize_params, normalize_prompts
+from brorl.engine.outputs import CompletionOutput, RequestOutput
+from brorl.engine.sampling_params import SamplingParams
 
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -102,11 +102,11 @@ class SGLangEngine:
             try:
                 import sglang
             except ImportError as err:
-                raise ImportError("engine.backends.sglang needs SGLang (pip install "
+                raise ImportError("brorl.engine.backends.sglang needs SGLang (pip install "
                                   "'sglang[all]'); our own Engine needs nothing") from err
             engine = sglang.Engine(model_path=model, **engine_kwargs)
-        from engine.config import eos_token_ids, read_hf_configs, with_tokenizer_eos
-        from engine.tokenizer import load_tokenizer
+        from brorl.engine.config import eos_token_ids, read_hf_configs, with_tokenizer_eos
+        from brorl.engine.tokenizer import load_tokenizer
 
         self._engine = engine
         self.model_path = model
@@ -180,7 +180,7 @@ class SGLangEngine:
     @functools.cached_property
     def _checkpoint_shapes(self) -> dict | None:
         """The local checkpoint's tensor shapes (headers only), None without one."""
-        from engine.models.weights import checkpoint_shapes
+        from brorl.engine.models.weights import checkpoint_shapes
 
         try:
             return checkpoint_shapes(self.model_path)

@@ -12,9 +12,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from engine.models.rope import rope_inv_freq
-from engine.models.weights import (
+from brorl.engine.config import ModelConfig
+from brorl.engine.models.rope import rope_inv_freq
+from brorl.engine.models.weights import (
     ParamSlot,
     fused_shapes,
     hf_param_slots,
@@ -22,17 +22,17 @@ from engine.models.weights import (
     matrix_shapes,
     validate_named_tensors,
 )
-from kernels.linear import make_linear
-from kernels.norm import rms_norm_ref
-from kernels.rope import apply_rope_ref, rope_cos_sin_table
+from brorl.kernels.linear import make_linear
+from brorl.kernels.norm import rms_norm_ref
+from brorl.kernels.rope import apply_rope_ref, rope_cos_sin_table
 
 
 @functools.lru_cache(maxsize=1)
 def _triton_kernels():
     """(rms_norm, apply_rope) Triton kernels, or None when triton is not installed."""
     try:
-        from kernels.norm_triton import rms_norm_triton
-        from kernels.rope_triton import apply_rope_triton
+        from brorl.kernels.norm_triton import rms_norm_triton
+        from brorl.kernels.rope_triton import apply_rope_triton
     except ImportError:
         return None
     return rms_norm_triton, apply_rope_triton

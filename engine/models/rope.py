@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from engine.config import RopeConfig
+from brorl.engine.config import RopeConfig
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int,

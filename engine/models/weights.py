@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
+from brorl.engine.config import ModelConfig
 
 # Buffers some checkpoints carry that the engine recomputes itself.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

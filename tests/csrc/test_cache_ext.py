@@ -7,17 +7,18 @@ from collections import Counter
 
 import pytest
 
-from engine.allocator import OutOfPages, PageAllocator
-from engine.cache_ext import (
+from brorl.engine.allocator import OutOfPages, PageAllocator
+from brorl.engine.cache_ext import (
     CppPageAllocator,
     CppRadixCache,
     cache_impl,
     extension_built,
     make_cache,
 )
-from engine.radix_cache import RadixCache
+from brorl.engine.radix_cache import RadixCache
 
-pytestmark = pytest.mark.skipif(not extension_built(), reason="engine._cache_ext is not built")
+pytestmark = pytest.mark.skipif(not extension_built(),
+                                reason="brorl.engine._cache_ext is not built")
 
 
 class Twin:
@@ -275,7 +276,7 @@ def test_cache_impl_choice(monkeypatch):
 
 def test_engine_gives_the_same_samples_and_stats_on_both(monkeypatch, qwen2):
     """A small pool (preemptions, evictions, a flush) on the Python and the C++ cache."""
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
 
     prompts = [list(range(5, 25)), list(range(5, 21)) + [60, 61], list(range(40, 47))]
     params = SamplingParams(n=4, max_tokens=16, seed=7, ignore_eos=True)

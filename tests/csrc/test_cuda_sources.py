@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.decode_attention import cascade_decode_ref, merge_states_ref, paged_decode_ref
+from brorl.kernels.decode_attention import cascade_decode_ref, merge_states_ref, paged_decode_ref
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "csrc" / "cuda"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
@@ -32,7 +32,7 @@ def test_cuda_source_compiles_for_sm90(source, tmp_path):
 
 
 def _built():
-    from kernels.cascade_cuda import cuda_ext_built
+    from brorl.kernels.cascade_cuda import cuda_ext_built
 
     return torch.cuda.is_available() and cuda_ext_built()
 
@@ -64,7 +64,7 @@ def _case(dtype, h, hkv, d, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,hkv,d", [(4, 4, 64), (4, 2, 64), (8, 2, 128), (28, 4, 128)])
 def test_cuda_cascade_and_paged_match_ref(dtype, h, hkv, d):
-    from kernels.cascade_cuda import cascade_decode_cuda, paged_decode_cuda
+    from brorl.kernels.cascade_cuda import cascade_decode_cuda, paged_decode_cuda
 
     args = _case(dtype, h, hkv, d, seed=h + d)
     atol = 1e-5 if dtype == torch.float32 else 1e-4
@@ -81,7 +81,7 @@ def test_cuda_cascade_and_paged_match_ref(dtype, h, hkv, d):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _built(), reason="needs a GPU and kernels._cuda_ext")
 def test_cuda_merge_states_matches_ref_with_empty_sides():
-    from kernels.cascade_cuda import merge_states_cuda
+    from brorl.kernels.cascade_cuda import merge_states_cuda
 
     g = torch.Generator().manual_seed(0)
     o_a, o_b = torch.randn(2, 6, 4, 80, generator=g).cuda()
@@ -97,7 +97,7 @@ def test_cuda_merge_states_matches_ref_with_empty_sides():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _built(), reason="needs a GPU and kernels._cuda_ext")
 def test_cuda_launcher_rejects_bad_input():
-    from kernels.cascade_cuda import cascade_decode_cuda
+    from brorl.kernels.cascade_cuda import cascade_decode_cuda
 
     args = list(_case(torch.float32, 4, 2, 64, seed=1))
     bad = list(args)

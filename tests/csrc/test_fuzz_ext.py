@@ -29,15 +29,20 @@ import textwrap
 import pytest
 import torch
 
-from engine.cache_ext import CppPageAllocator, CppRadixCache, extension_built
-from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
-from kernels.decode_attention_cpp import attention_ext_built, cascade_decode_cpp, paged_decode_cpp
+from brorl.engine.cache_ext import CppPageAllocator, CppRadixCache, extension_built
+from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+from brorl.kernels.decode_attention_cpp import (
+    attention_ext_built,
+    cascade_decode_cpp,
+    paged_decode_cpp,
+)
 from tests.csrc.test_cache_ext import Twin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-needs_cache = pytest.mark.skipif(not extension_built(), reason="engine._cache_ext is not built")
+needs_cache = pytest.mark.skipif(not extension_built(),
+                                 reason="brorl.engine._cache_ext is not built")
 needs_attention = pytest.mark.skipif(not attention_ext_built(),
-                                     reason="kernels._attention_ext is not built")
+                                     reason="brorl.kernels._attention_ext is not built")
 
 
 # -- 1. radix tree + allocator ----------------------------------------------------------
@@ -433,8 +438,8 @@ def run_cases(body: str, cases: dict[str, str]) -> None:
 
 ATTENTION_SETUP = """
 import numpy as np, torch
-from kernels.decode_attention_cpp import paged_decode_cpp as P, cascade_decode_cpp as C
-from kernels import _attention_ext as ext
+from brorl.kernels.decode_attention_cpp import paged_decode_cpp as P, cascade_decode_cpp as C
+from brorl.kernels import _attention_ext as ext
 g = torch.Generator().manual_seed(0)
 q = torch.randn(2, 4, 8, generator=g); k = torch.randn(10, 4, 2, 8, generator=g); v = k + 1
 pt = torch.tensor([[0, 1], [2, 3]]); L = torch.tensor([5, 8])
@@ -521,9 +526,9 @@ def test_cpp_attention_bad_input_raises_in_a_subprocess():
 
 NUMBA_SETUP = """
 import numpy as np, torch
-from kernels.decode_attention_numba import paged_decode_numba as P
-from kernels.sampling_numba import sample_numba as S
-from kernels.sampling import row_keys
+from brorl.kernels.decode_attention_numba import paged_decode_numba as P
+from brorl.kernels.sampling_numba import sample_numba as S
+from brorl.kernels.sampling import row_keys
 g = torch.Generator().manual_seed(0)
 q = torch.randn(2, 4, 8, generator=g); k = torch.randn(10, 4, 2, 8, generator=g); v = k + 1
 pt = torch.tensor([[0, 1], [2, 3]]); L = torch.tensor([5, 8])
@@ -578,8 +583,8 @@ def test_numba_greedy_row_with_nan_takes_torch_argmax_and_every_token_is_in_rang
     pytest.importorskip("numba")
     import numpy as np
 
-    from kernels.sampling import row_keys, sample_ref
-    from kernels.sampling_numba import sample_numba
+    from brorl.kernels.sampling import row_keys, sample_ref
+    from brorl.kernels.sampling_numba import sample_numba
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 40, generator=g)

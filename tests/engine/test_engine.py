@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 
 PAGE = 4
 
@@ -324,7 +324,7 @@ def test_pools_sized_for_free_memory_count_the_pools_this_process_made(qwen2):
     the same memory)."""
     import gc
 
-    from engine import kv_pool
+    from brorl.engine import kv_pool
 
     path, _ = qwen2
     gc.collect()

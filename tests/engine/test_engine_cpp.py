@@ -3,11 +3,11 @@ and logprobs (float32, within 1e-4) with cascade decode on and off, and runs bfl
 
 import pytest
 
-from engine import Engine, SamplingParams
-from kernels.decode_attention_cpp import attention_ext_built
+from brorl.engine import Engine, SamplingParams
+from brorl.kernels.decode_attention_cpp import attention_ext_built
 
 pytestmark = pytest.mark.skipif(not attention_ext_built(),
-                                reason="kernels._attention_ext is not built")
+                                reason="brorl.kernels._attention_ext is not built")
 
 PAGE = 4
 PROMPTS = [list(range(3, 3 + 4 * PAGE + 2)), list(range(40, 47)), list(range(60, 72))]

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 from tests.helpers import FAMILIES
 
 pytestmark = pytest.mark.gpu

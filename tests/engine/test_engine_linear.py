@@ -4,8 +4,8 @@ F.linear engine's tokens and logprobs, and an update_weights repacks what it cha
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from kernels.linear import onednn_available
+from brorl.engine import Engine, SamplingParams
+from brorl.kernels.linear import onednn_available
 from tests.helpers import make_checkpoint
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch has no oneDNN")

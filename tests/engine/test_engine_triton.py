@@ -3,7 +3,7 @@ same greedy tokens as with the torch reference backend."""
 
 import pytest
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 
 pytest.importorskip("triton")
 
@@ -34,7 +34,7 @@ def test_triton_sampler_in_the_engine_draws_the_torch_samplers_tokens(qwen2, mon
     same tokens as the reference sampler and reports the same behaviour logprobs, with
     temperature, top-k, top-p, min-p and a min_tokens ban, on identical logits (both
     engines use the torch attention backend; merging off so every row is sampled)."""
-    import kernels.sampling_triton as st
+    import brorl.kernels.sampling_triton as st
 
     calls = []
     fused = st.sample_triton
@@ -64,8 +64,8 @@ def test_triton_cascade_takes_group_padding_from_the_host(qwen2, monkeypatch):
     decode call gets `padded` from the runner's host lists, equal to what the device check
     finds, and the device check (a host sync per layer) never runs; tokens equal the torch
     backend's."""
-    import engine.attention_triton as at
-    import kernels.decode_attention_triton as dt
+    import brorl.engine.attention_triton as at
+    import brorl.kernels.decode_attention_triton as dt
 
     seen, device_checks = [], []
     check, fused = dt._check_groups, dt.cascade_decode_triton

@@ -22,8 +22,8 @@ import random
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from kernels.decode_attention_cpp import attention_ext_built
+from brorl.engine import Engine, SamplingParams
+from brorl.kernels.decode_attention_cpp import attention_ext_built
 
 VOCAB = 128  # tests/helpers.py
 EOS = 2

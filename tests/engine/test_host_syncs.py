@@ -30,7 +30,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 from tests.helpers import make_checkpoint
 
 triton = pytest.importorskip("triton")
@@ -128,9 +128,9 @@ def models(tmp_path_factory):
 
 def _gpu_path_engine(path, monkeypatch, **options) -> Engine:
     """An engine on the code path it takes on CUDA (see the module docstring)."""
-    import engine.models.decoder as dec
-    from kernels.norm_triton import rms_norm_triton
-    from kernels.rope_triton import apply_rope_triton
+    import brorl.engine.models.decoder as dec
+    from brorl.kernels.norm_triton import rms_norm_triton
+    from brorl.kernels.rope_triton import apply_rope_triton
 
     monkeypatch.setattr(dec, "rms_norm", rms_norm_triton)
     monkeypatch.setattr(dec, "apply_rope", apply_rope_triton)
@@ -265,7 +265,7 @@ def test_the_counter_sees_the_syncs_it_claims_to():
 
 
 def _flags(temperature, top_k, top_p, min_p, rows=None, num_rows=0):
-    from kernels.sampling import HostFlags
+    from brorl.kernels.sampling import HostFlags
 
     p_rows = torch.nonzero(top_p < 1.0)[:, 0]
     return HostFlags(top_k_max=int(top_k.max()), top_p_rows=p_rows if len(p_rows) else None,
@@ -282,7 +282,7 @@ def test_host_flags_take_the_branches_the_device_values_take(ban):
     including batches where no row truncates."""
     import importlib.util
 
-    from kernels.sampling import row_keys, sample, sample_ref, sample_rows_ref
+    from brorl.kernels.sampling import row_keys, sample, sample_ref, sample_rows_ref
 
     torch.manual_seed(3)
     R, V = 8, 300
@@ -316,7 +316,7 @@ def test_host_flags_take_the_branches_the_device_values_take(ban):
 def test_engine_sampler_reports_what_the_kernels_return(qwen2, monkeypatch):
     """The tokens and logprobs the engine's sampler brings back in its one copy are the
     sampling kernel's, exactly (logprobs as the float32 values, widened)."""
-    import engine.sampler as es
+    import brorl.engine.sampler as es
 
     returned = []
     fused = es.sample

@@ -1,4 +1,4 @@
-"""`brorl info` / `python -m engine.info`: the JSON has every key, and the implementations it
+"""`brorl info` / `python -m brorl.engine.info`: the JSON has every key, and the implementations it
 names are the ones an Engine on this machine actually runs."""
 
 import json
@@ -8,16 +8,16 @@ import sys
 import pytest
 import torch
 
-import kernels.sampling
-from engine import Engine, SamplingParams
-from engine.cache_ext import extension_built
-from trainer.cli import main as cli_main
+import brorl.kernels.sampling
+from brorl.engine import Engine, SamplingParams
+from brorl.engine.cache_ext import extension_built
+from brorl.trainer.cli import main as cli_main
 
 KEYS = {"python", "torch", "triton", "transformers", "numba", "cupy", "torch_cuda",
         "cuda_available", "gpu", "extensions", "device", "dtype", "radix_cache", "allocator",
         "attention_backend", "linear_backend", "sampler"}
 IMPLS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
-    not extension_built(), reason="engine._cache_ext is not built"))]
+    not extension_built(), reason="brorl.engine._cache_ext is not built"))]
 
 
 def info_json(capsys, *args) -> dict:
@@ -32,12 +32,12 @@ def test_info_names_what_an_engine_runs(qwen2, capsys, monkeypatch, impl, dtype)
     info = info_json(capsys, "--device", "cpu", "--dtype", dtype)
     assert set(info) == KEYS
     assert info["torch"] == torch.__version__ and info["cuda_available"] is False
-    assert info["extensions"]["engine._cache_ext"] is extension_built()
+    assert info["extensions"]["brorl.engine._cache_ext"] is extension_built()
     assert info["radix_cache"] == info["allocator"] == impl
 
     chosen = []  # the sampler implementation the engine resolves while it runs
-    auto = kernels.sampling._auto_impl
-    monkeypatch.setattr(kernels.sampling, "_auto_impl",
+    auto = brorl.kernels.sampling._auto_impl
+    monkeypatch.setattr(brorl.kernels.sampling, "_auto_impl",
                         lambda device: chosen.append(auto(device)) or chosen[-1])
     engine = Engine(qwen2[0], dtype=dtype, page_size=4, max_kv_tokens=64)
     engine.generate([[5, 6, 7]], SamplingParams(n=2, max_tokens=2, seed=0))
@@ -61,7 +61,7 @@ def test_info_reports_a_forced_implementation_error_and_bad_arguments(capsys, mo
 def test_text_report_and_module_entry_point(capsys):
     assert cli_main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "radix_cache:" in text and "engine._cache_ext " in text
-    out = subprocess.run([sys.executable, "-m", "engine.info", "--json"], check=True,
+    assert "radix_cache:" in text and "brorl.engine._cache_ext " in text
+    out = subprocess.run([sys.executable, "-m", "brorl.engine.info", "--json"], check=True,
                          capture_output=True, text=True).stdout
     assert set(json.loads(out)) == KEYS

@@ -6,8 +6,8 @@ at once."""
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from engine.merging import distinct_contexts
+from brorl.engine import Engine, SamplingParams
+from brorl.engine.merging import distinct_contexts
 
 PAGE = 4
 
@@ -122,9 +122,9 @@ def test_stop_rules_and_min_tokens_hold_for_merged_samples(qwen2, monkeypatch, s
     """Merged rows go to the sampler once per row (shared_rows: the samples' bans and
     parameters are their row's) or expanded per sample: stop tokens, min_tokens bans and
     max_tokens give what they give alone."""
-    import engine.merging
+    import brorl.engine.merging
 
-    monkeypatch.setattr(engine.merging, "SHARED_ROW_SAMPLING", 1 if shared_rows else 10**9)
+    monkeypatch.setattr(brorl.engine.merging, "SHARED_ROW_SAMPLING", 1 if shared_rows else 10**9)
     path, model = qwen2
     prompts = [list(range(5, 23)), list(range(40, 43))]
     # the most likely first tokens are stop tokens, so min_tokens has something to ban

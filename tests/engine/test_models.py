@@ -4,7 +4,7 @@ checkpoints loaded through the real loading path."""
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 from tests.helpers import FAMILIES, make_checkpoint
 
 PAGE = 8

@@ -2,12 +2,12 @@ import random
 
 import pytest
 
-from engine.allocator import OutOfPages
-from engine.cache_ext import extension_built, make_cache
+from brorl.engine.allocator import OutOfPages
+from brorl.engine.cache_ext import extension_built, make_cache
 
 PS = 4
 IMPLS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(
-    not extension_built(), reason="engine._cache_ext is not built"))]
+    not extension_built(), reason="brorl.engine._cache_ext is not built"))]
 
 
 @pytest.fixture(params=IMPLS)

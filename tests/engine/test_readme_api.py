@@ -71,7 +71,7 @@ def test_the_readme_engine_example_runs_and_gives_what_it_says(readme_run):
 def test_the_readme_update_weights_line_refuses_a_bad_tensor_before_applying_any(readme_run):
     import torch
 
-    from engine import SamplingParams
+    from brorl.engine import SamplingParams
 
     eng, model = readme_run[1]["eng"], readme_run[1]["model"]
     named = dict(model.named_parameters())

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.backends.sglang import SGLangEngine, from_sglang_output, to_sglang_params
-from trainer.weight_sync.protocol import plan_buckets
+from brorl.engine import SamplingParams
+from brorl.engine.backends.sglang import SGLangEngine, from_sglang_output, to_sglang_params
+from brorl.trainer.weight_sync.protocol import plan_buckets
 
 
 class FakeSGLang:

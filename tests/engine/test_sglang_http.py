@@ -8,9 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from engine import SamplingParams
-from engine.backends.sglang import SGLangEngine
-from engine.backends.sglang_http import SGLangServer
+from brorl.engine import SamplingParams
+from brorl.engine.backends.sglang import SGLangEngine
+from brorl.engine.backends.sglang_http import SGLangServer
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -101,7 +101,7 @@ def test_a_weight_call_failing_with_400_raises_sglangs_message(qwen2, server):
 def test_an_unreachable_server_and_a_bad_url_are_clear_errors(qwen2):
     with pytest.raises(ValueError, match="must start with http"):
         SGLangServer("localhost:30000")
-    from trainer.weight_sync.channel import free_port
+    from brorl.trainer.weight_sync.channel import free_port
 
     eng = SGLangEngine(qwen2[0], engine=SGLangServer(f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(RuntimeError, match="cannot be reached"):

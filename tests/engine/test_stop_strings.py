@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
-from engine.stop import StopChecker, batch_decoder, completes_stop
+from brorl.engine import Engine, SamplingParams
+from brorl.engine.stop import StopChecker, batch_decoder, completes_stop
 
 PAGE = 4
 SPECIAL = ["<pad>", "<s>", "</s>"] + [f"<x{i}>" for i in range(3, 8)]  # ids 0..7, eos 2
@@ -291,12 +291,12 @@ def test_the_byte_level_filter_skips_tokens_without_a_stop_strings_last_byte(che
     decode to nothing): after each sample's first check (its whole completion, min_tokens
     + 1 tokens) the filter rules every later token out; with "a" it rules out the tokens
     without one."""
-    import engine.stop
+    import brorl.engine.stop
 
     path, tok = checkpoint
     checked = []
-    real = engine.stop.first_windows
-    monkeypatch.setattr(engine.stop, "first_windows", lambda ids, *a: checked.append(
+    real = brorl.engine.stop.first_windows
+    monkeypatch.setattr(brorl.engine.stop, "first_windows", lambda ids, *a: checked.append(
         len(ids)) or real(ids, *a))
     eng = Engine(path, page_size=PAGE, max_kv_tokens=8192)
     prompt_lens = {len(p) for p in PROMPTS}
@@ -318,7 +318,7 @@ def test_the_byte_level_filter_keeps_stop_strings_that_end_in_a_replacement_char
     with that token although the token holds none of its bytes (EF BF BD), so a stop string
     ending in one is not ruled out by the last token's bytes. A stop string that is no
     UTF-8 (a lone surrogate) never matches, and does not break the filter."""
-    from engine.stop import gpt2_byte_chars
+    from brorl.engine.stop import gpt2_byte_chars
 
     tok = save_byte_tokenizer(tmp_path)
     a = tok.backend_tokenizer.token_to_id("a")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine import Engine, SamplingParams
+from brorl.engine import Engine, SamplingParams
 from tests.engine.test_models import hf_greedy
 from tests.helpers import make_checkpoint
 

@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
-from kernels.decode_attention_cpp import attention_ext_built, cascade_decode_cpp, paged_decode_cpp
+from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+from brorl.kernels.decode_attention_cpp import (
+    attention_ext_built,
+    cascade_decode_cpp,
+    paged_decode_cpp,
+)
 
 pytestmark = pytest.mark.skipif(not attention_ext_built(),
-                                reason="kernels._attention_ext is not built")
+                                reason="brorl.kernels._attention_ext is not built")
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
 
@@ -175,7 +179,7 @@ def test_cascade_bad_group_rows_raise():
 
 
 def test_extension_rejects_non_contiguous_and_wrong_ndim(paged_args):
-    from kernels import _attention_ext as ext
+    from brorl.kernels import _attention_ext as ext
 
     q, kc, vc, pt, lens = (t.numpy() for t in paged_args)
     with pytest.raises(ValueError, match="C-contiguous"):
@@ -202,8 +206,8 @@ def test_cascade_with_no_query_heads_returns_an_empty_output():
     # 0 heads per KV head was a division by zero (SIGFPE); the reference returns [2, 0, 8]
     _survives("""
 import torch
-from kernels.decode_attention import cascade_decode_ref
-from kernels.decode_attention_cpp import cascade_decode_cpp
+from brorl.kernels.decode_attention import cascade_decode_ref
+from brorl.kernels.decode_attention_cpp import cascade_decode_cpp
 q, k = torch.zeros(2, 0, 8), torch.zeros(4, 2, 1, 8)
 args = (q, k, k, torch.tensor([[0, 1]]), torch.zeros(1, 1, dtype=torch.long),
         torch.tensor([2]), torch.zeros(2, 1, dtype=torch.long), torch.tensor([1, 1]))
@@ -220,7 +224,7 @@ def test_a_page_table_changed_by_another_thread_is_never_read_out_of_bounds():
     _survives("""
 import threading
 import numpy as np
-from kernels import _attention_ext as E
+from brorl.kernels import _attention_ext as E
 B, H, D, ps, P = 64, 8, 64, 16, 64
 k = np.random.randn(B * P + 1, ps, 1, D).astype(np.float32)
 q = np.random.randn(B, H, D).astype(np.float32)

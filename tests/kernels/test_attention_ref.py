@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from kernels.decode_attention import cascade_decode_ref, merge_states_ref, paged_decode_ref
-from kernels.extend_attention import extend_attention_ref
+from brorl.kernels.decode_attention import cascade_decode_ref, merge_states_ref, paged_decode_ref
+from brorl.kernels.extend_attention import extend_attention_ref
 
 PS, HKV, H, D = 4, 2, 6, 8
 SCALE = D ** -0.5

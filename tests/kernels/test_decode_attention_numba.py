@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from kernels.decode_attention import cascade_decode_ref, paged_decode_ref
+from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref
 from tests.kernels.test_attention_ref import SCALE, D, Pool, pad
 
 pytest.importorskip("numba")
-from kernels.decode_attention_numba import paged_decode_numba  # noqa: E402
+from brorl.kernels.decode_attention_numba import paged_decode_numba  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1])

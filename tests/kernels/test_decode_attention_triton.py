@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from kernels.decode_attention import (
+from brorl.kernels.decode_attention import (
     cascade_decode_ref,
     merge_states_ref,
     paged_decode_ref,
@@ -15,7 +15,7 @@ from kernels.decode_attention import (
 )
 
 pytest.importorskip("triton")
-from kernels.decode_attention_triton import (  # noqa: E402
+from brorl.kernels.decode_attention_triton import (  # noqa: E402
     cascade_decode_triton,
     merge_states_triton,
     paged_decode_triton,

@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from kernels.extend_attention import extend_attention_ref
+from brorl.kernels.extend_attention import extend_attention_ref
 
 pytest.importorskip("triton")
-from kernels.extend_attention_triton import (  # noqa: E402
+from brorl.kernels.extend_attention_triton import (  # noqa: E402
     EXTEND_BLOCK_M,
     extend_attention_triton,
     pack_extend_meta,

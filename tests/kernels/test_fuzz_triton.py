@@ -13,25 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.decode_attention import cascade_decode_ref, paged_decode_ref, shared_prefix_ref
-from kernels.extend_attention import extend_attention_ref
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rope import apply_rope_ref
-from kernels.sampling import row_keys, sample_ref
-from kernels.token_logprob import token_logprob_entropy
+from brorl.kernels.decode_attention import cascade_decode_ref, paged_decode_ref, shared_prefix_ref
+from brorl.kernels.extend_attention import extend_attention_ref
+from brorl.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from brorl.kernels.rope import apply_rope_ref
+from brorl.kernels.sampling import row_keys, sample_ref
+from brorl.kernels.token_logprob import token_logprob_entropy
 
 pytest.importorskip("triton")
-import kernels.sampling_triton as st  # noqa: E402
-from kernels.decode_attention_triton import (  # noqa: E402
+import brorl.kernels.sampling_triton as st  # noqa: E402
+from brorl.kernels.decode_attention_triton import (  # noqa: E402
     cascade_decode_triton,
     merge_states_triton,
     paged_decode_triton,
     shared_prefix_triton,
 )
-from kernels.extend_attention_triton import extend_attention_triton  # noqa: E402
-from kernels.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
-from kernels.rope_triton import apply_rope_triton  # noqa: E402
-from kernels.token_logprob_triton import token_stats_triton  # noqa: E402
+from brorl.kernels.extend_attention_triton import extend_attention_triton  # noqa: E402
+from brorl.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from brorl.kernels.rope_triton import apply_rope_triton  # noqa: E402
+from brorl.kernels.token_logprob_triton import token_stats_triton  # noqa: E402
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
 DTYPES = (torch.float32, torch.float16)

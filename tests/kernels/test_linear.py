@@ -4,7 +4,7 @@ bf16 rounding) on random inputs, and bad inputs raise ValueError naming the prob
 import pytest
 import torch
 
-from kernels.linear import (
+from brorl.kernels.linear import (
     OneDNNLinear,
     TorchLinear,
     default_linear_backend,
@@ -105,7 +105,7 @@ def test_auto_choice():
 def test_a_cpu_without_onednns_bfloat16_path_gets_torch_or_a_clear_error(monkeypatch):
     """An AVX2-only CPU (AMD EPYC here) has oneDNN float32 but no bfloat16 linear: 'auto'
     must not pick it (the engine crashed while packing its weights), 'onednn' says why."""
-    import kernels.linear as linear
+    import brorl.kernels.linear as linear
 
     monkeypatch.setattr(linear, "onednn_available", lambda dtype=torch.float32:
                         dtype == torch.float32)

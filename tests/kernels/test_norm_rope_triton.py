@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from kernels.norm import add_rms_norm_ref, rms_norm_ref
-from kernels.rope import apply_rope_ref, rope_cos_sin_table
+from brorl.kernels.norm import add_rms_norm_ref, rms_norm_ref
+from brorl.kernels.rope import apply_rope_ref, rope_cos_sin_table
 
 pytest.importorskip("triton")
-from kernels.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
-from kernels.rope_triton import apply_rope_triton  # noqa: E402
+from brorl.kernels.norm_triton import add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from brorl.kernels.rope_triton import apply_rope_triton  # noqa: E402
 
 # fp16 RoPE: the reference rounds x*cos, rotate*sin and their sum separately, the kernel
 # once, so they may differ by about one fp16 ulp of the output (|out| < 8 here)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.sampling import (
+from brorl.kernels.sampling import (
     row_keys,
     sample,
     sample_ref,
@@ -160,7 +160,7 @@ def test_numba_sampler_equals_reference_with_mixed_rows(truncate):
 
 
 def test_vectorised_exp_is_within_an_ulp_of_libm():
-    from kernels.sampling_numba import _exp_nonpositive
+    from brorl.kernels.sampling_numba import _exp_nonpositive
 
     xs = np.concatenate([-np.random.default_rng(0).random(20000) * 50,
                          -np.random.default_rng(1).random(2000) * 700, [0.0, -1e-300, -707.9]])

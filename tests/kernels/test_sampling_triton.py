@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.sampling import _auto_impl, row_keys, sample, sample_ref
+from brorl.kernels.sampling import _auto_impl, row_keys, sample, sample_ref
 
 triton = pytest.importorskip("triton")
-st = pytest.importorskip("kernels.sampling_triton")
+st = pytest.importorskip("brorl.kernels.sampling_triton")
 
 CHI2_999_DF3 = 16.27  # chi-square critical value, 3 degrees of freedom, p = 0.001
 

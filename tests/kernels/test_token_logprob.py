@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from kernels.token_logprob import token_logprob_entropy, token_stats_ref
+from brorl.kernels.token_logprob import token_logprob_entropy, token_stats_ref
 
 
 def make(T, H, V, dtype=torch.float32, bias=True, seed=0, device="cpu"):
@@ -114,7 +114,7 @@ def test_triton_equals_reference_at_a_real_shape_bf16():
     T, H, V = 1000, 1536, 151936
     hidden, weight, b, targets = make(T, H, V, dtype=torch.bfloat16, bias=False,
                                       device="cuda")
-    from kernels.token_logprob_triton import token_stats_triton
+    from brorl.kernels.token_logprob_triton import token_stats_triton
 
     got = token_stats_triton(hidden, weight, None, targets)
     want = token_stats_ref(hidden, weight, None, targets)  # bf16 logits (cuBLAS output)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from kernels.transfer import upload
+from brorl.kernels.transfer import upload
 
 
 def test_upload_keeps_each_arrays_values_dtype_and_shape():

@@ -21,7 +21,7 @@ ATTENTION = {"_paged_decode_kernel", "_shared_prefix_kernel", "_merge_splits_ker
 def _run(step: str, tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1" if step == "capture" else "0",
            "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TRITON_DEFAULT_FP_FUSION": "1"}
-    return subprocess.run([sys.executable, "-m", "kernels.triton_aot", step, *args], env=env,
+    return subprocess.run([sys.executable, "-m", "brorl.kernels.triton_aot", step, *args], env=env,
                           capture_output=True, text=True, timeout=900)
 
 

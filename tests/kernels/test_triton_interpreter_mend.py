@@ -1,4 +1,4 @@
-"""kernels.triton_common mends Triton's interpreter where it turns a scalar tensor into a
+"""brorl.kernels.triton_common mends Triton's interpreter where it turns a scalar tensor into a
 Python int with `int(data)` on a 1-element 1-d array, which numpy 2.5 refuses (Triton 3.6,
 the GPU image's, with numpy 2.5). Here an interpreter of that kind is made from the
 installed one, so the mend is checked with any Triton and numpy."""
@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
-from kernels import triton_common  # noqa: E402
+from brorl.kernels import triton_common  # noqa: E402
 
 # the kernels below run on CPU tensors: under the interpreter only (tests/conftest.py turns
 # it on unless TRITON_INTERPRET is set otherwise, as on a GPU machine's GPU-only run)

@@ -1,6 +1,6 @@
 """Rewards for trainer tests, named "module:function" like any user verifier."""
 
-from trainer.verifiers import VerifyItem
+from brorl.trainer.verifiers import VerifyItem
 
 
 def digit_fraction(item: VerifyItem) -> float:

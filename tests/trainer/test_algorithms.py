@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trainer.algorithms import (
+from brorl.trainer.algorithms import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
     aggregate_loss,

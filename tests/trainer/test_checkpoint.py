@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from brorl.trainer.checkpoint import CHECKPOINTS, checkpoint_dirs, load_state, save_checkpoint
 from tests.helpers import make_checkpoint
-from trainer.checkpoint import CHECKPOINTS, checkpoint_dirs, load_state, save_checkpoint
 
 
 def test_saves_replace_atomically_clean_leftovers_and_keep_the_newest(tmp_path):
@@ -35,7 +35,7 @@ def test_saves_replace_atomically_clean_leftovers_and_keep_the_newest(tmp_path):
 def test_a_checkpoint_is_flushed_to_disk_before_older_ones_are_pruned(tmp_path, monkeypatch):
     """Each file, its directory and the checkpoints directory (the rename) are fsynced
     before the older checkpoints are deleted: a power loss cannot leave only an empty one."""
-    from trainer import checkpoint
+    from brorl.trainer import checkpoint
 
     model = make_checkpoint(tmp_path / "policy", "qwen2", seed=1)
     run = tmp_path / "run"

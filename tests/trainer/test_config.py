@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from trainer.config import TrainConfig
-from trainer.config_load import DEMO_CONFIG, all_keys, describe, load_config
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.config_load import DEMO_CONFIG, all_keys, describe, load_config
 
 
 def test_demo_config_loads_and_overrides_apply():
@@ -122,7 +122,7 @@ def test_shipped_gpu_template_parses_with_the_papers_settings():
 
 
 def test_the_engines_memory_options_reach_the_engine(qwen2):
-    from trainer.loop import local_engine
+    from brorl.trainer.loop import local_engine
 
     cfg = load_config(None, ["rollout.kv_memory_fraction=0.5", "rollout.reserve_ratio=0.4",
                              "model.device=cpu", "rollout.max_kv_tokens=1024"])
@@ -140,7 +140,7 @@ def test_the_engines_memory_options_reach_the_engine(qwen2):
 ])
 def test_train_fails_fast_on_missing_inputs_before_starting_anything(
         tmp_path, capsys, overrides, match):
-    from trainer.cli import main
+    from brorl.trainer.cli import main
 
     out = tmp_path / "run"
     code = main(["train", "--launcher", "ray", f"output_dir={out}", *overrides])
@@ -151,7 +151,7 @@ def test_train_fails_fast_on_missing_inputs_before_starting_anything(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: cuda is valid")
 def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
-    from trainer.cli import main
+    from brorl.trainer.cli import main
 
     assert main(["train", "model.device=cuda", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "model.device is cuda but torch sees no CUDA device" in capsys.readouterr().err
@@ -160,7 +160,7 @@ def test_train_on_cuda_without_a_gpu_is_refused(tmp_path, capsys):
 
 
 def test_a_cuda_index_is_checked_against_the_visible_devices(monkeypatch):
-    from trainer.loop import check_inputs
+    from brorl.trainer.loop import check_inputs
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -172,7 +172,7 @@ def test_a_cuda_index_is_checked_against_the_visible_devices(monkeypatch):
 
 
 def test_input_checks_leave_a_remote_ray_cluster_its_own_paths_and_gpus():
-    from trainer.loop import check_inputs
+    from brorl.trainer.loop import check_inputs
 
     remote = load_config(None, ["launcher=ray", "ray.address=ray://head:10001",
                                 "model.path=/on/the/cluster", "model.device=cuda"])
@@ -188,7 +188,7 @@ def test_a_stop_string_may_be_given_alone():
 
 
 def test_help_shows_the_demo_values_a_run_without_config_uses():
-    from trainer.config_load import describe
+    from brorl.trainer.config_load import describe
 
     lines = {line.split()[0]: line for line in describe().splitlines()[1:]}
     assert lines["rollout.prompts_per_step"].endswith("[demo: 16]")  # default 4

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from trainer.coverage import unsampled_mass, unsampled_mass_reference
-from trainer.data import Problem
-from trainer.rollout import Group, coverage_metrics
+from brorl.trainer.coverage import unsampled_mass, unsampled_mass_reference
+from brorl.trainer.data import Problem
+from brorl.trainer.rollout import Group, coverage_metrics
 
 
 def _policy(seed: int, vocab: int):
@@ -110,7 +110,7 @@ def test_copies_of_a_long_sample_weight_its_draws_without_deepening_the_tree():
     others branching from its first 10 tokens. The result equals the trie's, for states
     that cut through the copies, and the dense part stays as deep as what distinct
     samples share, not as the copies."""
-    from trainer.coverage import _tree
+    from brorl.trainer.coverage import _tree
 
     rng = random.Random(11)
     probs = _policy(7, 5)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from trainer.config import DataConfig
-from trainer.data import Problem, ProblemStream, file_problems, load_problems, render_prompt
+from brorl.trainer.config import DataConfig
+from brorl.trainer.data import Problem, ProblemStream, file_problems, load_problems, render_prompt
 
 
 def _rows(n):
@@ -120,7 +120,7 @@ def test_stream_resumes_exactly_across_epochs():
 
 
 def test_render_prompt_uses_the_chat_template_when_present():
-    from trainer.demo import build_tokenizer
+    from brorl.trainer.demo import build_tokenizer
 
     tok = build_tokenizer(["hello world", "<user><assistant>"])
     p = Problem("hello world", None, "math")
@@ -134,8 +134,8 @@ def test_render_prompt_uses_the_chat_template_when_present():
 
 
 def test_a_system_prompt_comes_first_as_a_system_turn_or_text():
-    from trainer.data import system_prompt
-    from trainer.demo import build_tokenizer
+    from brorl.trainer.data import system_prompt
+    from brorl.trainer.demo import build_tokenizer
 
     tok = build_tokenizer(["hello world", "be brief\n\n", "<user><assistant><system>"])
     p = Problem("hello world", None, "math")

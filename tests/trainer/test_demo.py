@@ -4,8 +4,8 @@ the engine and transformers both load."""
 import pytest
 import torch
 
-from trainer.config import DemoConfig
-from trainer.demo import (
+from brorl.trainer.config import DemoConfig
+from brorl.trainer.demo import (
     build_tokenizer,
     demo_policy,
     task_problems,
@@ -79,7 +79,7 @@ def test_tokenizer_round_trips_exactly_with_single_digit_tokens():
 def test_demo_policy_is_cached_and_loads_through_engine_and_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
 
     cfg = DemoConfig(sft_steps=2, sft_examples=64, sft_batch_size=8, hidden_size=32,
                      intermediate_size=64, num_layers=1, cache_dir=str(tmp_path))

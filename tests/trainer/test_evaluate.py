@@ -3,7 +3,7 @@ the verifier's mean score of the engine's greedy answers."""
 
 import pytest
 
-from trainer.evaluate import evaluate, pass_at_k
+from brorl.trainer.evaluate import evaluate, pass_at_k
 
 
 # hand values: 1 - C(n-c, k) / C(n, k); (4,1,2): 1 - 3/6; (5,2,3): 1 - 1/10; (5,2,2): 1 - 3/10
@@ -23,11 +23,11 @@ def test_pass_at_k_rejects_impossible_counts():
 
 @pytest.mark.parametrize("greedy", [True, False])
 def test_greedy_score_is_the_mean_score_of_the_greedy_answers(tiny_policy, tmp_path, greedy):
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
+    from brorl.trainer.data import load_problems, render_prompt
+    from brorl.trainer.verifiers import VerifierPool, VerifyItem
+    from brorl.trainer.verifiers.pool import verify_one
     from tests.trainer.test_loop import _cfg
-    from trainer.data import load_problems, render_prompt
-    from trainer.verifiers import VerifierPool, VerifyItem
-    from trainer.verifiers.pool import verify_one
 
     cfg = _cfg(tiny_policy, tmp_path, **{"eval.k": 3, "eval.greedy": greedy,
                                           "data.verifier": "tests.trainer.reward_fns:char_hash"})

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from trainer import loop
-from trainer.config_load import load_config
-from trainer.loop import setup, train, train_step
-from trainer.metrics import read_metrics
-from trainer.policy import pad_batch, token_logprobs
+from brorl.trainer import loop
+from brorl.trainer.config_load import load_config
+from brorl.trainer.loop import setup, train, train_step
+from brorl.trainer.metrics import read_metrics
+from brorl.trainer.policy import pad_batch, token_logprobs
 
 _TIME_KEYS = ("time", "elapsed_s", "step_seconds", "seconds", "per_s")
 
@@ -30,7 +30,7 @@ def _cfg(path, out, **extra):
 
 def _engine_matches_trainer(run) -> float:
     """Max |engine behaviour logprob - trainer logprob| over sampled tokens."""
-    from engine import SamplingParams
+    from brorl.engine import SamplingParams
 
     prompt = run.engine.tokenizer("State the final answer: 1 + 2 =")["input_ids"]
     out = run.engine.generate([prompt], SamplingParams(n=3, max_tokens=6, seed=11))[0]
@@ -99,13 +99,13 @@ def test_a_step_without_an_update_keeps_the_engines_weights_version_and_cache(
 def test_the_embedded_sync_refuses_a_partial_state_and_changes_nothing(tiny_policy, tmp_path,
                                                                         monkeypatch):
     """Through the protocol's check (Engine.update_weights alone would apply the part)."""
-    from trainer.weight_sync import ManifestRefused
+    from brorl.trainer.weight_sync import ManifestRefused
 
     run = setup(_cfg(tiny_policy, tmp_path / "run"), None)
     full = loop.full_state
     monkeypatch.setattr(loop, "full_state", lambda model, dp: dict(
         list(full(model, dp).items())[1:]))
-    from engine import SamplingParams
+    from brorl.engine import SamplingParams
 
     def sample():
         out = run.engine.generate([[5, 6, 7]], SamplingParams(n=2, max_tokens=4, seed=1))
@@ -241,7 +241,7 @@ def test_a_new_run_refuses_a_directory_holding_a_run_unless_overwrite(tiny_polic
 def test_eval_of_a_run_uses_the_runs_own_config(tiny_policy, tmp_path, capsys):
     import json
 
-    from trainer.cli import main
+    from brorl.trainer.cli import main
 
     out = tmp_path / "run"
     train(_cfg(tiny_policy, out, steps=1))
@@ -284,7 +284,7 @@ def test_an_interrupt_while_drawing_rollouts_saves_the_last_step(tiny_policy, tm
 
 def test_an_interrupt_during_an_update_leaves_the_newest_checkpoint(tiny_policy, tmp_path,
                                                                     monkeypatch, capsys):
-    import trainer.cli as cli
+    import brorl.trainer.cli as cli
 
     cut = tmp_path / "cut"
     real = loop.policy_update
@@ -307,7 +307,7 @@ def test_an_interrupt_during_an_update_leaves_the_newest_checkpoint(tiny_policy,
 def test_rollout_stop_strings_end_responses_and_the_verifier_sees_them(tiny_policy, tmp_path):
     """rollout.stop: a response ends at the token that completes a stop string, and the
     text scored is the text of the tokens trained on, stop string included."""
-    from trainer.rollout import generate_groups
+    from brorl.trainer.rollout import generate_groups
 
     cfg = _cfg(tiny_policy, tmp_path / "run", **{
         "rollout.stop": "['=']", "rollout.max_tokens": 12,
@@ -346,8 +346,8 @@ def test_bad_stop_strings_fail_when_the_config_loads(override, match):
 
 
 def test_prefix_cache_hit_rate_counts_prompt_tails_recomputed_after_preemption():
-    from trainer.data import Problem
-    from trainer.rollout import Group, _engine_metrics
+    from brorl.trainer.data import Problem
+    from brorl.trainer.rollout import Group, _engine_metrics
 
     g = Group(Problem("p", "1", "math"), list(range(22)), [[5]] * 12, [[-1.0]] * 12,
               ["stop"] * 12, torch.zeros(12))

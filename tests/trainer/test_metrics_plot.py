@@ -8,9 +8,9 @@ import struct
 import pytest
 import torch
 
-from trainer import metrics
-from trainer.metrics import METRICS_FILE, MetricsWriter, read_metrics
-from trainer.plot import plot_run
+from brorl.trainer import metrics
+from brorl.trainer.metrics import METRICS_FILE, MetricsWriter, read_metrics
+from brorl.trainer.plot import plot_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -139,16 +139,16 @@ def test_plot_run_writes_a_png_with_sparse_eval_rows(tmp_path):
 
 
 def test_plot_run_draws_a_panel_per_section_with_data(tmp_path, monkeypatch):
-    import trainer.plot
+    import brorl.trainer.plot
 
     drawn = []
-    monkeypatch.setattr(trainer.plot, "_draw", lambda curves, *a, **k: drawn.append(
+    monkeypatch.setattr(brorl.trainer.plot, "_draw", lambda curves, *a, **k: drawn.append(
         [(p.title, [s.key for s, _, _ in c]) for p, c in curves]))
     _fake_run(tmp_path)
     plot_run(tmp_path)
     assert drawn[0][3] == ("Unsampled next-token mass",
                            ["rollout/unsampled_mass", "rollout/unsampled_mass_n16"])
-    assert [t for t, _ in drawn[0]] == [p.title for p in trainer.plot.PANELS]
+    assert [t for t, _ in drawn[0]] == [p.title for p in brorl.trainer.plot.PANELS]
 
 
 def test_plot_run_skips_missing_panels_and_honours_out(tmp_path):
@@ -172,7 +172,7 @@ def test_plot_run_without_usable_rows_raises_naming_the_run_dir(tmp_path):
 
 
 def test_the_time_axis_unit_follows_the_run_length():
-    from trainer.plot import _time_axis
+    from brorl.trainer.plot import _time_axis
 
     assert _time_axis([None, 0.0, 42.0]) == ([None, 0.0, 42.0], "seconds")
     assert _time_axis([0.0, 600.0]) == ([0.0, 10.0], "minutes")

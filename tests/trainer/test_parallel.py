@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
+from brorl.trainer.config_load import load_config
+from brorl.trainer.data import Problem
+from brorl.trainer.parallel import SINGLE
+from brorl.trainer.rollout import Group
+from brorl.trainer.update import micro_batches
 from tests.helpers import make_checkpoint
-from trainer.config_load import load_config
-from trainer.data import Problem
-from trainer.parallel import SINGLE
-from trainer.rollout import Group
-from trainer.update import micro_batches
 
 OVERRIDES = ["algorithm.num_mini_batches=2", "optim.micro_batch_size=1",
              "algorithm.old_logprobs=recompute", "algorithm.kl_coef=0.1",
@@ -42,7 +42,7 @@ def _groups(seed: int = 0) -> list[Group]:
 
 
 def _step(model, ref, cfg, dp):
-    from trainer.update import policy_update
+    from brorl.trainer.update import policy_update
 
     # weight change = a fixed linear function of the (clipped) gradients of both steps
     opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
@@ -53,7 +53,7 @@ def _step(model, ref, cfg, dp):
 
 def _rank(rank: int, path: str, port: int, queue) -> None:
     torch.set_num_threads(1)
-    from trainer.parallel import (
+    from brorl.trainer.parallel import (
         close_group,
         full_state,
         init_group,
@@ -94,7 +94,7 @@ def _rank(rank: int, path: str, port: int, queue) -> None:
 
 
 def test_micro_batches_give_every_rank_the_same_count():
-    from trainer.parallel import DataParallel
+    from brorl.trainer.parallel import DataParallel
 
     items = list(range(5))
     assert micro_batches(items, 2) == [[0, 1], [2, 3], [4]]
@@ -114,7 +114,7 @@ def test_random_splits_give_every_item_to_one_rank_in_equal_micro_batch_counts()
     more than rank 0's share needs."""
     import random
 
-    from trainer.parallel import DataParallel
+    from brorl.trainer.parallel import DataParallel
 
     rng = random.Random(4)
     for _ in range(300):
@@ -136,8 +136,8 @@ def test_loss_summed_over_ranks_micro_batches_is_the_mini_batch_loss(mode):
     mini-batch's token or sample count, FSDP2 sums): for random ragged masks and merged
     rows of random counts, the sum over every rank's micro-batch losses equals the loss
     of the mini-batch in one piece, whatever the world size."""
-    from trainer.algorithms import aggregate_loss
-    from trainer.parallel import DataParallel
+    from brorl.trainer.algorithms import aggregate_loss
+    from brorl.trainer.parallel import DataParallel
 
     gen = torch.Generator().manual_seed(2)
     for trial in range(20):
@@ -161,8 +161,8 @@ def test_loss_summed_over_ranks_micro_batches_is_the_mini_batch_loss(mode):
 
 
 def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
-    from trainer.policy import load_policy
-    from trainer.weight_sync.channel import free_port
+    from brorl.trainer.policy import load_policy
+    from brorl.trainer.weight_sync.channel import free_port
 
     path = str(tmp_path / "policy")
     # dropout in the checkpoint's config: both trainers must turn it off, or the sharded
@@ -203,8 +203,8 @@ def test_two_fsdp2_ranks_take_the_one_process_step(tmp_path):
 
 def _refusing_engine(path, cfg):
     """A local engine whose weight updates are refused, as a receiver refuses a manifest."""
-    from trainer.loop import local_engine
-    from trainer.weight_sync import ManifestRefused
+    from brorl.trainer.loop import local_engine
+    from brorl.trainer.weight_sync import ManifestRefused
 
     engine = local_engine(path, cfg)
 
@@ -219,9 +219,9 @@ def _dp_train(rank: int, path: str, out: str, steps: int, resume: bool, port: in
               queue, refuse_sync: bool = False) -> None:
     """One rank of a 2-rank run of the loop (rank 0 with a local engine)."""
     torch.set_num_threads(1)
+    from brorl.trainer.loop import train
+    from brorl.trainer.parallel import close_group, init_group
     from tests.trainer.test_loop import _cfg
-    from trainer.loop import train
-    from trainer.parallel import close_group, init_group
 
     dp = init_group(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"), 120)
     if rank > 0:  # only rank 0 touches the filesystem: paths the other rank never reads
@@ -245,7 +245,7 @@ def _run_two_ranks(path, out, steps, resume=False):
 
 def _two_ranks(path, out, steps, resume=False, refuse_sync=False) -> list[tuple[int, str]]:
     """(rank, "ok" or the error's repr) of each rank of a 2-rank run of the loop."""
-    from trainer.weight_sync.channel import free_port
+    from brorl.trainer.weight_sync.channel import free_port
 
     ctx = mp.get_context("spawn")
     queue, port = ctx.Queue(), free_port()
@@ -288,7 +288,7 @@ def test_a_refused_sync_checkpoints_on_every_rank_then_stops_both(tiny_policy, t
     assert ckpts == ["step-000001"]
     # the step's training metrics are logged with the failure, so a resume (from step 2)
     # leaves no hole in metrics.jsonl
-    from trainer.metrics import read_metrics
+    from brorl.trainer.metrics import read_metrics
 
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1]
@@ -299,9 +299,9 @@ def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
     """The loop over two FSDP2 ranks (KL reference sharded too), stopped after its step-2
     checkpoint and resumed to step 3, logs what an uninterrupted 3-step run logs. Rank 1
     is given paths that do not exist: everything it needs comes from rank 0."""
+    from brorl.trainer.checkpoint import load_state
+    from brorl.trainer.metrics import read_metrics
     from tests.trainer.test_loop import _comparable
-    from trainer.checkpoint import load_state
-    from trainer.metrics import read_metrics
 
     _run_two_ranks(tiny_policy, tmp_path / "straight", 3)
     _run_two_ranks(tiny_policy, tmp_path / "split", 2)

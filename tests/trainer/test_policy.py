@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from brorl.trainer.policy import load_policy, pad_batch, token_logprobs, token_logprobs_ref
 from tests.helpers import make_checkpoint
-from trainer.policy import load_policy, pad_batch, token_logprobs, token_logprobs_ref
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import types
 
 import pytest
 
-from trainer.metrics import read_metrics
+from brorl.trainer.metrics import read_metrics
 
 
 def _ray_run(tiny_policy, out, monkeypatch, **extra):
     pytest.importorskip("ray")
-    from trainer.cli import main
+    from brorl.trainer.cli import main
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     overrides = {
@@ -40,7 +40,7 @@ def one_trainer_rows(tiny_policy, tmp_path_factory):
 
 
 def test_ray_launch_two_steps_probe_matches(one_trainer_rows):
-    from trainer.weight_sync import shm
+    from brorl.trainer.weight_sync import shm
 
     on_shm = shm.fits(shm.DEFAULT_SHM_DIR, 1 << 20)  # one machine: buckets go through it
     for r in one_trainer_rows:
@@ -75,7 +75,7 @@ class _FakeWorker:
         self.generate = types.SimpleNamespace(remote=self._generate)
 
     def _generate(self, prompts, params):
-        from engine import CompletionOutput, RequestOutput
+        from brorl.engine import CompletionOutput, RequestOutput
 
         return [RequestOutput(j, list(p), [CompletionOutput(i, [self.k], None, "length")
                                            for i in range(sp.n)])
@@ -84,8 +84,8 @@ class _FakeWorker:
 
 @pytest.mark.parametrize("num_prompts,num_workers", [(5, 2), (1, 3), (6, 3), (4, 1)])
 def test_generate_keeps_prompt_samples_together_and_in_order(num_prompts, num_workers):
-    from engine import SamplingParams
-    from trainer.launch_ray import RayEngines
+    from brorl.engine import SamplingParams
+    from brorl.trainer.launch_ray import RayEngines
 
     eng = RayEngines.__new__(RayEngines)
     eng._ray = types.SimpleNamespace(get=lambda refs: refs)
@@ -114,7 +114,7 @@ class _CountingWorker(_FakeWorker):
 
 
 def _fake_engines(workers) -> "RayEngines":  # noqa: F821 - imported by the callers
-    from trainer.launch_ray import RayEngines
+    from brorl.trainer.launch_ray import RayEngines
 
     eng = RayEngines.__new__(RayEngines)
     eng._ray = types.SimpleNamespace(get=lambda refs: refs)
@@ -130,7 +130,7 @@ def test_generate_spreads_random_prompt_counts_whole_balanced_and_loses_none():
     equal prompts are still separate requests."""
     import random
 
-    from engine import SamplingParams
+    from brorl.engine import SamplingParams
 
     rng = random.Random(11)
     for _ in range(60):
@@ -165,7 +165,7 @@ def test_stats_sum_counters_but_not_the_page_size():
 
 
 def test_a_failed_sync_keeps_the_version_and_asks_every_worker():
-    from trainer.weight_sync import WeightSyncError
+    from brorl.trainer.weight_sync import WeightSyncError
 
     asked = []
     workers = [types.SimpleNamespace(receive=types.SimpleNamespace(
@@ -192,8 +192,8 @@ def test_a_worker_that_cannot_start_raises_its_error_before_the_sync_group(monke
     in-process, a constructor's error raising when a method's result is fetched."""
     import sys
 
-    from trainer import launch_ray, weight_sync
-    from trainer.config_load import load_config
+    from brorl.trainer import launch_ray, weight_sync
+    from brorl.trainer.config_load import load_config
 
     class Handle:
         def __init__(self, cls, args):

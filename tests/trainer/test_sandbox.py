@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from trainer.verifiers import VerifyItem, get_verifier, run_sandboxed, sandbox_isolation
-from trainer.verifiers import sandbox as sandbox_mod
-from trainer.verifiers.code import extract_program, same_output
+from brorl.trainer.verifiers import VerifyItem, get_verifier, run_sandboxed, sandbox_isolation
+from brorl.trainer.verifiers import sandbox as sandbox_mod
+from brorl.trainer.verifiers.code import extract_program, same_output
 
 # Every isolation level that works on this machine: the containment tests must hold with the
 # audit hook alone too (the fallback where user namespaces are unavailable).
@@ -71,8 +71,8 @@ def test_assert_run_that_crashes_or_times_out_scores_zero():
 def test_the_sandboxs_start_up_is_not_charged_to_the_programs_budget(monkeypatch):
     """A run costs 50 ms of start-up before the program's first instruction: 20 instant
     cases under a 0.3 s budget all pass (before, start-ups ate the budget after 6 cases)."""
-    import trainer.verifiers.code as code_mod
-    from trainer.verifiers.sandbox import SandboxResult
+    import brorl.trainer.verifiers.code as code_mod
+    from brorl.trainer.verifiers.sandbox import SandboxResult
 
     def run(program, stdin, timeout_s):
         time.sleep(0.05)  # the isolation set-up and interpreter start

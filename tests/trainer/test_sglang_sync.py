@@ -17,12 +17,12 @@ from datetime import timedelta
 import pytest
 import torch
 
-from engine.backends.sglang import SGLangEngine
+from brorl.engine.backends.sglang import SGLangEngine
+from brorl.trainer.weight_sync import ManifestRefused, WeightSyncError
+from brorl.trainer.weight_sync.probe import probe_diff, trainer_logits
+from brorl.trainer.weight_sync.sglang import SGLangSender
 from tests.engine.test_models import hf_greedy
 from tests.helpers import make_checkpoint
-from trainer.weight_sync import ManifestRefused, WeightSyncError
-from trainer.weight_sync.probe import probe_diff, trainer_logits
-from trainer.weight_sync.sglang import SGLangSender
 
 PROMPT = list(range(3, 23))
 MAX_NEW = 8
@@ -90,8 +90,8 @@ class _FakeModelRunner:
                            "the ModelRunner are partially updated.")
 
     def greedy(self):
-        from engine import SamplingParams
-        from trainer.weight_sync.probe import engine_logits
+        from brorl.engine import SamplingParams
+        from brorl.trainer.weight_sync.probe import engine_logits
 
         greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
         return {"tokens": self.engine.generate([PROMPT], greedy)[0].outputs[0].token_ids,
@@ -136,7 +136,7 @@ def _http_front(runner) -> int:
 
 def _serve(path, conn, mode, ready):
     torch.set_num_threads(1)
-    from engine import Engine
+    from brorl.engine import Engine
 
     runner = _FakeModelRunner(Engine(path, page_size=4, max_kv_tokens=1024), mode)
     conn.send(_http_front(runner))
@@ -194,7 +194,7 @@ def servers(qwen2):
             assert ready.wait(120), "a fake SGLang server did not start"
         engines = [eng for _, eng in out]
         if http:
-            from engine.backends.sglang_http import SGLangServer
+            from brorl.engine.backends.sglang_http import SGLangServer
 
             for eng in engines:
                 client = eng._engine

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trainer.theory import (
+from brorl.trainer.theory import (
     SimConfig,
     reinforce_loss,
     simulate,

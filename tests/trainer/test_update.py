@@ -6,12 +6,12 @@ step as computing each one."""
 import pytest
 import torch
 
-from trainer.algorithms import compute_advantages
-from trainer.config import TrainConfig
-from trainer.config_load import load_config
-from trainer.data import Problem
-from trainer.rollout import Group
-from trainer.update import build_samples, merge_identical
+from brorl.trainer.algorithms import compute_advantages
+from brorl.trainer.config import TrainConfig
+from brorl.trainer.config_load import load_config
+from brorl.trainer.data import Problem
+from brorl.trainer.rollout import Group
+from brorl.trainer.update import build_samples, merge_identical
 
 
 def make_groups(rewards: list[list[float]]) -> list[Group]:
@@ -74,9 +74,9 @@ def _groups_with_repeats(seed: int = 0) -> list[Group]:
      "algorithm.tis_high=1.05"],
 ])
 def test_merging_identical_samples_gives_the_same_step(tmp_path, extra):
+    from brorl.trainer.policy import load_policy
+    from brorl.trainer.update import policy_update
     from tests.helpers import make_checkpoint
-    from trainer.policy import load_policy
-    from trainer.update import policy_update
 
     path = str(tmp_path / "policy")
     make_checkpoint(path, "qwen2", seed=2, tie_word_embeddings=True)
@@ -108,9 +108,9 @@ def test_merging_identical_samples_gives_the_same_step(tmp_path, extra):
 def test_fewer_samples_than_mini_batches_take_one_step_each(tmp_path):
     """12 samples, 16 mini-batches: 12 AdamW steps, exactly as 12 mini-batches take (the
     4 empty ones used to step AdamW on its momentum alone, and count as zero losses)."""
+    from brorl.trainer.policy import load_policy
+    from brorl.trainer.update import policy_update
     from tests.helpers import make_checkpoint
-    from trainer.policy import load_policy
-    from trainer.update import policy_update
 
     path = str(tmp_path / "policy")
     make_checkpoint(path, "qwen2", seed=4)
@@ -130,7 +130,7 @@ def test_fewer_samples_than_mini_batches_take_one_step_each(tmp_path):
 
 
 def test_merge_identical_keeps_apart_what_differs():
-    from trainer.update import Sample
+    from brorl.trainer.update import Sample
 
     a = Sample([1, 2, 3], 2, 0.5, [-1.0])
     rows = merge_identical([a, Sample([1, 2, 3], 2, 0.5, [-1.0]),
@@ -145,7 +145,7 @@ def test_merge_identical_keeps_apart_what_differs():
 def test_logprob_mismatch_weights_each_distinct_sample_by_its_count():
     import math
 
-    from trainer.update import Sample, logprob_mismatch
+    from brorl.trainer.update import Sample, logprob_mismatch
 
     a = Sample([1, 2, 3, 4], 2, 0.5, [-1.0, -2.0])
     a.old_logprobs = [-1.5, -2.0]
@@ -163,9 +163,9 @@ def test_recompute_counts_the_mismatch_of_each_behaviour_even_for_equal_tokens(t
     """Two samples with the same tokens but behaviour logprobs apart (two groups of one
     prompt, or a batch-dependent kernel) share their recomputed old logprobs, yet each
     one's mismatch counts: merged or not, the statistics are the same."""
+    from brorl.trainer.policy import load_policy
+    from brorl.trainer.update import Sample, recompute_old_logprobs
     from tests.helpers import make_checkpoint
-    from trainer.policy import load_policy
-    from trainer.update import Sample, recompute_old_logprobs
 
     path = str(tmp_path / "policy")
     make_checkpoint(path, "qwen2", seed=2)

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.algorithms import kl_penalty
-from trainer.config_load import load_config
-from trainer.data import Problem
-from trainer.rollout import Group
-from trainer.update import (
+from brorl.trainer.algorithms import kl_penalty
+from brorl.trainer.config_load import load_config
+from brorl.trainer.data import Problem
+from brorl.trainer.rollout import Group
+from brorl.trainer.update import (
     Sample,
     _mini_batch_step,
     build_samples,
@@ -266,7 +266,7 @@ def test_policy_update_takes_the_reference_sgd_steps_with_pre_update_old_logprob
 def test_tis_truncate_with_low_zero_is_yao_et_al_min_w_c():
     """Yao et al.'s TIS weight is min(pi_trainer / pi_engine, C), detached; tis_low=0 gives
     exactly that (the default of tis=truncate; tis_low=0.5 would also lift small weights)."""
-    from trainer.algorithms import tis_weights
+    from brorl.trainer.algorithms import tis_weights
 
     g = torch.Generator().manual_seed(0)
     trainer = (torch.randn(3, 6, generator=g, dtype=torch.float64) - 1).requires_grad_()
@@ -371,7 +371,7 @@ class _ScriptedEngine:
         self.requests: list[int] = []
 
     def generate(self, prompts, params, use_tqdm=False):
-        from engine.outputs import CompletionOutput, RequestOutput
+        from brorl.engine.outputs import CompletionOutput, RequestOutput
 
         self.requests.append(len(prompts))
         outs = []
@@ -406,7 +406,7 @@ class _Stream:
 
 def _rollouts(rewards, prompts_per_step, max_prompts, dynamic=True, oversample=False,
               pool=None):
-    from trainer.rollout import collect_rollouts
+    from brorl.trainer.rollout import collect_rollouts
 
     problems = [Problem(f"p{k}", "1", "math") for k in range(len(rewards))]
     engine = _ScriptedEngine(rewards)
@@ -452,7 +452,7 @@ def test_dynamic_sampling_refills_until_enough_groups_pass():
 
 
 def test_pass_rate_n16_is_measured_on_each_groups_first_16_samples():
-    from trainer.rollout import rollout_metrics
+    from brorl.trainer.rollout import rollout_metrics
 
     def group(rewards):
         n = len(rewards)
@@ -503,7 +503,7 @@ def test_without_dynamic_sampling_constant_groups_are_kept():
 
 
 def test_lr_schedule_warms_up_then_follows_cosine_over_all_optimizer_steps():
-    from trainer.loop import _lr_lambda
+    from brorl.trainer.loop import _lr_lambda
 
     cfg = load_config(None, ["steps=3", "algorithm.num_mini_batches=2", "optim.warmup_steps=2",
                              "optim.schedule=cosine"])
@@ -545,7 +545,7 @@ def test_load_policy_turns_dropout_off_in_train_mode(tmp_path):
     logits twice in train mode."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from trainer.policy import load_policy
+    from brorl.trainer.policy import load_policy
 
     cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,

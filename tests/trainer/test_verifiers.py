@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.verifiers import (
+from brorl.trainer.verifiers import (
     VerifierPool,
     VerifyItem,
     VerifyResult,
@@ -14,7 +14,7 @@ from trainer.verifiers import (
     register_verifier,
     verify_one,
 )
-from trainer.verifiers.gym import extract_gym_answer
+from brorl.trainer.verifiers.gym import extract_gym_answer
 
 USER = "tests.trainer.user_verifier_example"
 
@@ -106,8 +106,8 @@ def test_reasoning_gym_needs_dataset_and_entry():
 def test_reasoning_gym_scores_the_gold_answer_of_tuple_entries_one():
     """arc_agi's scorer compares its parsed board, a tuple of tuples, with the entry's:
     the entry must reach it as the dataset made it (as lists, the gold answer got 0.05)."""
-    from trainer.data import gym_problems
-    from trainer.verifiers.gym import extract_gym_answer
+    from brorl.trainer.data import gym_problems
+    from brorl.trainer.verifiers.gym import extract_gym_answer
 
     verify = get_verifier("reasoning_gym")
     for p in gym_problems("arc_agi", 2, 0, {}, "auto"):

@@ -12,17 +12,17 @@ import time
 import pytest
 import torch
 
-from tests.engine.test_models import hf_greedy
-from tests.helpers import make_checkpoint
-from trainer.weight_sync import (
+from brorl.trainer.weight_sync import (
     ManifestRefused,
     WeightSyncError,
     make_receiver,
     make_sender,
 )
-from trainer.weight_sync.channel import free_port
-from trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
-from trainer.weight_sync.protocol import Manifest, check_manifest, pack, plan_buckets, unpack
+from brorl.trainer.weight_sync.channel import free_port
+from brorl.trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
+from brorl.trainer.weight_sync.protocol import Manifest, check_manifest, pack, plan_buckets, unpack
+from tests.engine.test_models import hf_greedy
+from tests.helpers import make_checkpoint
 
 PROMPT = list(range(3, 23))
 MAX_NEW = 8
@@ -56,7 +56,7 @@ def test_plan_buckets_rejects_integer_tensors():
 
 
 def test_check_manifest_names_the_bad_tensor(qwen2):
-    from engine import Engine
+    from brorl.engine import Engine
 
     engine = Engine(qwen2[0], page_size=4, max_kv_tokens=256)
     named = list(qwen2[1].named_parameters())
@@ -74,7 +74,7 @@ def _receiver(path, port, mode, queue, shm_dir, joining):
     shm_dir None: no shared memory; else the directory it looks for the sender's in.
     Sets `joining` once its imports and engine are done, just before it joins."""
     torch.set_num_threads(1)
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
 
     engine = Engine(path, page_size=4, max_kv_tokens=1024)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -84,7 +84,7 @@ def _receiver(path, port, mode, queue, shm_dir, joining):
                        shm_dir=shm_dir)
     report = {"before": engine.generate([PROMPT], greedy)[0].outputs[0].token_ids}
     if mode == "die":  # the manifest and one bucket arrive, then the process dies
-        from trainer.weight_sync.sync import _agree, _recv_bytes
+        from brorl.trainer.weight_sync.sync import _agree, _recv_bytes
 
         manifest = Manifest.from_bytes(_recv_bytes(rx.channel))
         _agree(rx.channel, None, "manifest")
@@ -253,7 +253,7 @@ def test_shared_segment_grows_when_a_sync_needs_more_room(qwen2, trainer_model, 
 
 
 def test_shared_segment_views_are_aligned_and_disjoint(tmp_path):
-    from trainer.weight_sync import shm
+    from brorl.trainer.weight_sync import shm
 
     sizes = [10, 0, 64, 130, 7]
     offsets, total = shm.aligned_offsets(sizes)
@@ -278,9 +278,9 @@ def test_shared_segment_views_are_aligned_and_disjoint(tmp_path):
 def _embedded_run(engine_path, model):
     import types
 
-    from engine import Engine
-    from trainer.config_load import load_config
-    from trainer.parallel import SINGLE
+    from brorl.engine import Engine
+    from brorl.trainer.config_load import load_config
+    from brorl.trainer.parallel import SINGLE
 
     cfg = load_config(None, ["rollout.weight_sync_probe=true"])
     return types.SimpleNamespace(engine=Engine(engine_path, page_size=4, max_kv_tokens=256),
@@ -288,7 +288,7 @@ def _embedded_run(engine_path, model):
 
 
 def test_embedded_sync_logs_a_probe_difference_under_1e5(qwen2, trainer_model):
-    from trainer.loop import sync_weights
+    from brorl.trainer.loop import sync_weights
 
     run = _embedded_run(qwen2[0], trainer_model)
     out = sync_weights(run, step=4)
@@ -297,7 +297,7 @@ def test_embedded_sync_logs_a_probe_difference_under_1e5(qwen2, trainer_model):
 
 
 def test_probe_warns_when_engine_runs_other_weights(qwen2, trainer_model, caplog):
-    from trainer.weight_sync.probe import probe_check
+    from brorl.trainer.weight_sync.probe import probe_check
 
     run = _embedded_run(qwen2[0], trainer_model)  # engine still has the old weights
     with caplog.at_level("WARNING", logger="brorl"):
@@ -367,7 +367,7 @@ def test_nccl_channel_refuses_to_enter_nccl_init_until_every_rank_joined(monkeyp
     both enter it, with rank 0's unique id."""
     import threading
 
-    from trainer.weight_sync.channel import NcclChannel
+    from brorl.trainer.weight_sync.channel import NcclChannel
 
     comms = []
     _fake_cupy(monkeypatch, comms)

@@ -29,10 +29,10 @@ import time
 import pytest
 import torch
 
-from engine.models.weights import ParamSlot, validate_named_tensors
-from trainer.weight_sync import ManifestRefused, WeightSyncError
-from trainer.weight_sync.channel import GlooChannel, free_port
-from trainer.weight_sync.protocol import (
+from brorl.engine.models.weights import ParamSlot, validate_named_tensors
+from brorl.trainer.weight_sync import ManifestRefused, WeightSyncError
+from brorl.trainer.weight_sync.channel import GlooChannel, free_port
+from brorl.trainer.weight_sync.protocol import (
     Manifest,
     check_manifest,
     dtype_of,
@@ -40,7 +40,7 @@ from trainer.weight_sync.protocol import (
     plan_buckets,
     unpack,
 )
-from trainer.weight_sync.sync import WeightReceiver, WeightSender, _agree, _send_bytes
+from brorl.trainer.weight_sync.sync import WeightReceiver, WeightSender, _agree, _send_bytes
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 JOIN_S = 60  # bound on any thread or process a test waits for (2 shared cores)
@@ -193,7 +193,7 @@ def test_check_manifest_refuses_a_layout_that_is_not_the_senders():
 def test_error_messages_name_the_peers_of_each_rank():
     import types
 
-    from trainer.weight_sync.channel import Channel
+    from brorl.trainer.weight_sync.channel import Channel
 
     def peers(rank, world_size):
         return Channel.peers(types.SimpleNamespace(rank=rank, world_size=world_size))
@@ -205,7 +205,7 @@ def test_error_messages_name_the_peers_of_each_rank():
 
 
 def test_a_segment_that_cannot_be_sized_or_mapped_leaves_no_file(tmp_path, monkeypatch):
-    from trainer.weight_sync import shm
+    from brorl.trainer.weight_sync import shm
 
     def no_room(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -316,9 +316,9 @@ def test_tied_embeddings_sync_to_a_real_engine_exactly(tmp_path, source):
     storage (state_dict); over gloo with bfloat16 packing the engine then computes the
     trainer's logits (its weights cast to bfloat16) to float32 rounding, and its tied
     head is the new embedding."""
-    from engine import Engine
+    from brorl.engine import Engine
+    from brorl.trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
     from tests.helpers import make_checkpoint
-    from trainer.weight_sync.probe import engine_logits, probe_diff, trainer_logits
 
     old = make_checkpoint(tmp_path / "old", "qwen2", seed=4, tie_word_embeddings=True)
     new = make_checkpoint(tmp_path / "new", "qwen2", seed=5, tie_word_embeddings=True)
@@ -377,7 +377,7 @@ def _assert_same_state(before: dict, engine, what: str) -> None:
 
 def test_every_bad_manifest_is_refused_and_leaves_the_engine_exactly_as_it_was(
         qwen2, tmp_path):
-    from engine import Engine, SamplingParams
+    from brorl.engine import Engine, SamplingParams
 
     path, hf = qwen2
     engine = Engine(path, page_size=4, max_kv_tokens=256)
@@ -546,7 +546,7 @@ class _SenderEngine:
     through a gloo WeightSender (as RayEngines does, without Ray)."""
 
     def __init__(self, path: str, sender: WeightSender) -> None:
-        from engine.tokenizer import load_tokenizer
+        from brorl.engine.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
         self.sender = sender
@@ -559,10 +559,10 @@ class _SenderEngine:
 
 def test_loop_checkpoints_the_trainer_state_when_a_receiver_dies_mid_sync(
         tiny_policy, tmp_path):
+    from brorl.trainer.checkpoint import latest_checkpoint, load_state
+    from brorl.trainer.loop import setup, sync_weights
+    from brorl.trainer.policy import load_policy
     from tests.trainer.test_loop import _cfg
-    from trainer.checkpoint import latest_checkpoint, load_state
-    from trainer.loop import setup, sync_weights
-    from trainer.policy import load_policy
 
     spec = [(n, tuple(p.shape)) for n, p in load_policy(tiny_policy).named_parameters()]
     proc, port, ready = _start_receiver(None, 5, "kill", spec)
@@ -596,8 +596,8 @@ def test_inprocess_sender_refuses_what_a_receiver_refuses_and_changes_nothing(qw
     """The embedded transport checks like the others: a partial state (which
     Engine.update_weights alone would apply), an integer tensor or an older version is
     refused with the engine exactly as it was; a whole state applies and flushes."""
-    from engine import Engine, SamplingParams
-    from trainer.weight_sync import make_sender
+    from brorl.engine import Engine, SamplingParams
+    from brorl.trainer.weight_sync import make_sender
 
     path, hf = qwen2
     engine = Engine(path, page_size=4, max_kv_tokens=256)

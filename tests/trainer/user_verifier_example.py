@@ -4,7 +4,7 @@ spawned VerifierPool workers can import them."""
 import os
 import time
 
-from trainer.verifiers import VerifyItem
+from brorl.trainer.verifiers import VerifyItem
 
 
 def exact_match(item: VerifyItem) -> float:

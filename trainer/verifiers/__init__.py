@@ -3,8 +3,8 @@
 batches in worker processes under per-item timeouts. Heavy dependencies (math-verify,
 reasoning-gym) are imported on first use."""
 
-from trainer.verifiers import code, gym, math_verifier  # noqa: F401  (register built-ins)
-from trainer.verifiers.base import (
+from brorl.trainer.verifiers import code, gym, math_verifier  # noqa: F401  (register built-ins)
+from brorl.trainer.verifiers.base import (
     VERIFIERS,
     VerifyItem,
     VerifyResult,
@@ -13,8 +13,8 @@ from trainer.verifiers.base import (
     load_user_verifier,
     register_verifier,
 )
-from trainer.verifiers.pool import VerifierPool, verify_one
-from trainer.verifiers.sandbox import SandboxResult, run_sandboxed, sandbox_isolation
+from brorl.trainer.verifiers.pool import VerifierPool, verify_one
+from brorl.trainer.verifiers.sandbox import SandboxResult, run_sandboxed, sandbox_isolation
 
 __all__ = [
     "VERIFIERS",

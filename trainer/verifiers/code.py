@@ -23,8 +23,8 @@ import re
 import secrets
 import time
 
-from trainer.verifiers.base import VerifyItem, register_verifier
-from trainer.verifiers.sandbox import run_sandboxed, sandbox_startup_s
+from brorl.trainer.verifiers.base import VerifyItem, register_verifier
+from brorl.trainer.verifiers.sandbox import run_sandboxed, sandbox_startup_s
 
 DEFAULT_TIMEOUT_S = 5.0
 _PYTHON_FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from trainer.verifiers.base import ANSWER_TAG, VerifyItem, register_verifier
+from brorl.trainer.verifiers.base import ANSWER_TAG, VerifyItem, register_verifier
 
 
 @register_verifier("reasoning_gym")

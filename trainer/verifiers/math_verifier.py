@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from trainer.verifiers.base import VerifyItem, extract_answer, register_verifier
+from brorl.trainer.verifiers.base import VerifyItem, extract_answer, register_verifier
 
 _DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
 

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from trainer.verifiers.base import VerifyItem, VerifyResult, get_verifier
+from brorl.trainer.verifiers.base import VerifyItem, VerifyResult, get_verifier
 
 STARTUP_TIMEOUT_S = 120.0
 _READY = "ready"
@@ -190,7 +190,7 @@ def _stop(w: _Worker) -> None:
 
 def _worker_main(conn: Connection, warm_modules: tuple[str, ...]) -> None:
     """A worker process: scores (index, item) messages until it receives None."""
-    from trainer.verifiers.sandbox import kill_live_sandboxes
+    from brorl.trainer.verifiers.sandbox import kill_live_sandboxes
 
     def on_term(signum, frame) -> None:
         kill_live_sandboxes()

@@ -13,8 +13,8 @@ packed tensors; see protocol.py), three transports chosen by name:
 
 from __future__ import annotations
 
-from trainer.weight_sync.protocol import Manifest, WeightSyncError
-from trainer.weight_sync.sync import (
+from brorl.trainer.weight_sync.protocol import Manifest, WeightSyncError
+from brorl.trainer.weight_sync.sync import (
     DEFAULT_BUCKET_BYTES,
     InProcessSender,
     ManifestRefused,
@@ -27,8 +27,8 @@ TRANSPORTS = ("inprocess", "gloo", "nccl")
 
 def _channel(transport: str, host: str, port: int, rank: int, world_size: int,
              timeout_s: float, device, shared_memory: bool, shm_dir: str | None):
-    from trainer.weight_sync.channel import GlooChannel, NcclChannel
-    from trainer.weight_sync.shm import DEFAULT_SHM_DIR
+    from brorl.trainer.weight_sync.channel import GlooChannel, NcclChannel
+    from brorl.trainer.weight_sync.shm import DEFAULT_SHM_DIR
 
     if transport == "gloo":
         return GlooChannel(host, port, rank, world_size, timeout_s,

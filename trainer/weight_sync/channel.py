@@ -21,8 +21,8 @@ from datetime import timedelta
 
 import torch
 
-from trainer.weight_sync import shm
-from trainer.weight_sync.protocol import WeightSyncError
+from brorl.trainer.weight_sync import shm
+from brorl.trainer.weight_sync.protocol import WeightSyncError
 
 log = logging.getLogger("brorl")
 

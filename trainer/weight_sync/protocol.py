@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.models.weights import validate_named_tensors
+from brorl.engine.models.weights import validate_named_tensors
 
 MANIFEST_FORMAT = 1
 _REASON_BYTES = 1024

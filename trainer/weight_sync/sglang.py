@@ -42,15 +42,15 @@ from datetime import timedelta
 
 import torch
 
-from trainer.weight_sync.channel import free_port
-from trainer.weight_sync.protocol import (
+from brorl.trainer.weight_sync.channel import free_port
+from brorl.trainer.weight_sync.protocol import (
     Manifest,
     WeightSyncError,
     dtype_of,
     named_list,
     plan_buckets,
 )
-from trainer.weight_sync.sync import DEFAULT_BUCKET_BYTES, ManifestRefused
+from brorl.trainer.weight_sync.sync import DEFAULT_BUCKET_BYTES, ManifestRefused
 
 log = logging.getLogger("brorl")
 BACKENDS = ("nccl", "gloo")

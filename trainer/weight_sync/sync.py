@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from trainer.weight_sync.channel import Channel
-from trainer.weight_sync.protocol import (
+from brorl.trainer.weight_sync.channel import Channel
+from brorl.trainer.weight_sync.protocol import (
     Manifest,
     WeightSyncError,
     check_manifest,
