@@ -7,6 +7,11 @@ KL, of the reference. Each step the kept groups reach every rank (`broadcast_obj
 every rank trains on its share of each mini-batch, and FSDP2 sums the gradients. This
 group is the default process group of each trainer process; the weight-sync group is a
 separate one (trainer/weight_sync), so the two never mix.
+
+Pickled objects (the step's groups, rank 0's verdicts, metrics) go over a second, gloo
+group of the same ranks, on the host: over NCCL, the ranks waiting for rank 0's rollouts
+would wait inside a GPU collective (a kernel spinning on the device, under NCCL's watchdog),
+and every object would be copied to the GPU and back.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class DataParallel:
 
 SINGLE = DataParallel()
 
+# The host-side group of the trainer's ranks for pickled objects (see the docstring above);
+# set by init_group, None without a group.
+_objects_group = None
+
 
 def init_group(rank: int, world_size: int, address: str, device: torch.device,
                timeout_s: float) -> DataParallel:
@@ -53,19 +62,24 @@ def init_group(rank: int, world_size: int, address: str, device: torch.device,
     happen there while the others wait)."""
     import torch.distributed as dist
 
+    global _objects_group
     dp = DataParallel(rank, world_size)
     if dp.enabled:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+                                world_size=world_size, timeout=timeout)
+        _objects_group = dist.new_group(backend="gloo", timeout=timeout)
     return dp
 
 
 def close_group(dp: DataParallel) -> None:
     import torch.distributed as dist
 
+    global _objects_group
     if dp.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the objects' one too
+    _objects_group = None
 
 
 def shard(model: torch.nn.Module, dp: DataParallel, device: torch.device,
@@ -257,8 +271,16 @@ def broadcast_object(obj, dp: DataParallel):
     import torch.distributed as dist
 
     box = [obj if dp.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_objects())
     return box[0]
+
+
+def _objects():
+    """The gloo group for pickled objects; init_group must have built it."""
+    if _objects_group is None:
+        raise RuntimeError("no trainer process group: call brorl.trainer.parallel.init_group "
+                           "first")
+    return _objects_group
 
 
 class MainRankError(RuntimeError):
@@ -302,7 +324,7 @@ def all_gather_objects(obj, dp: DataParallel) -> list:
     import torch.distributed as dist
 
     out = [None] * dp.world_size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_objects())
     return out
 
 

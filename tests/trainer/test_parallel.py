@@ -314,3 +314,43 @@ def test_two_rank_loop_resumes_exactly(tiny_policy, tmp_path):
     assert [r["step"] for r in got] == [0, 1, 2, 3]
     assert all(r["train/grad_norm"] > 0 for r in got if r["step"])
     assert _comparable(got) == _comparable(want)
+
+
+def test_objects_go_over_a_gloo_group_of_their_own_even_when_the_trainers_use_nccl(
+        monkeypatch):
+    """Over NCCL, the ranks waiting for rank 0's rollouts in broadcast_object would wait in a
+    GPU collective: the pickled objects take a separate gloo group (torch.distributed is
+    recorded here; no GPU needed)."""
+    import torch.distributed as dist
+
+    import brorl.trainer.parallel as par
+
+    calls, objects_group = [], object()
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw["timeout"])))
+    monkeypatch.setattr(dist, "new_group",
+                        lambda backend=None, timeout=None, **kw: calls.append(
+                            ("new_group", backend, timeout)) or objects_group)
+
+    def broadcast(box, src, group=None):
+        calls.append(("broadcast", group))
+        box[0] = "from rank 0"
+
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(dist, "all_gather_object",
+                        lambda out, obj, group=None: calls.append(("gather", group)))
+    monkeypatch.setattr(par, "_objects_group", None)
+    dp = par.init_group(1, 2, "127.0.0.1:1", torch.device("cuda"), 90)
+    from datetime import timedelta
+
+    assert calls == [("init", "nccl", timedelta(seconds=90)),
+                     ("new_group", "gloo", timedelta(seconds=90))]
+    assert par.broadcast_object(None, dp) == "from rank 0"
+    par.all_gather_objects({"a": 1.0}, dp)
+    assert calls[2:] == [("broadcast", objects_group), ("gather", objects_group)]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy",)))
+    par.close_group(dp)
+    assert calls[-1] == ("destroy",)
+    with pytest.raises(RuntimeError, match="init_group"):
+        par.broadcast_object(None, dp)
