@@ -275,6 +275,8 @@ class OptimConfig:
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations "
                                       "in backward instead of keeping them (same gradients, "
                                       "one more forward; long responses on a GPU need it)")
+    tf32: bool = _f(False, "CUDA: the trainer's float32 matmuls on TF32 tensor cores (~7x "
+                    "the IEEE float32 rate on Hopper; 10-bit mantissa). Process-wide")
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "eps", "micro_batch_size", "logprob_chunk", "lr_reference_samples")

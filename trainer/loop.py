@@ -43,7 +43,7 @@ from brorl.trainer.parallel import (
     on_main,
     plain_copy,
 )
-from brorl.trainer.policy import load_policy
+from brorl.trainer.policy import load_policy, set_matmul_precision
 from brorl.trainer.rollout import collect_rollouts
 from brorl.trainer.run_state import claim_run_dir, restore_run, save_interrupted, save_run
 from brorl.trainer.update import policy_update
@@ -137,6 +137,7 @@ def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
     # only rank 0 touches the filesystem; the other ranks get what they need from it
     ckpt, path = on_main(prepare, dp, share=True)
     device = torch.device(cfg.model.resolved_device)
+    set_matmul_precision(device, cfg.optim.tf32)
     r = cfg.rollout
 
     def rank0_parts():

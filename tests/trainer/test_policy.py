@@ -79,3 +79,26 @@ def test_pad_batch_masks_exactly_the_response_targets():
     assert mask.tolist() == [[False, True, True], [True, False, False]]
     with pytest.raises(ValueError, match="response start"):
         pad_batch([[1, 2]], [2], pad_id=0)
+
+
+def test_tf32_sets_cuda_matmuls_only_and_back():
+    from pathlib import Path
+
+    from brorl.trainer.config_load import load_config
+    from brorl.trainer.policy import set_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        set_matmul_precision(torch.device("cpu"), True)
+        assert matmul.fp32_precision == "ieee"
+        set_matmul_precision(torch.device("cuda", 0), True)
+        assert matmul.fp32_precision == "tf32"
+        set_matmul_precision(torch.device("cuda"), False)
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+    gpu = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "brorl-gpu.yaml"
+    assert load_config(None, []).optim.tf32 is False
+    assert load_config(str(gpu), []).optim.tf32 is True
