@@ -79,7 +79,9 @@ class Engine:
         # samples with identical contexts were merged (merge_identical_samples).
         # shared_decode_pages: pages freed because merged samples share a filled page.
         # decode_host_seconds: the part of decode steps outside the model and the sampling
-        # kernel (scheduling, radix cache, allocator, page tables, bookkeeping).
+        # kernel (scheduling, radix cache, allocator, page tables, bookkeeping). On CUDA,
+        # where the host clock sees only launches, the device's time from the forward's
+        # start to the sampler's end (CUDA events) is what is taken off the step.
         self._seconds = dict.fromkeys(("prefill_seconds", "decode_seconds",
                                        "decode_step_seconds", "decode_host_seconds"), 0.0)
 
@@ -167,11 +169,20 @@ class Engine:
         if plan.decode and not plan.extend and not plan.start:
             step = time.perf_counter() - t0
             self._seconds["decode_step_seconds"] += step
-            self._seconds["decode_host_seconds"] += (step - self.runner.last_model_seconds
-                                                     - self.sampler.last_seconds)
+            self._seconds["decode_host_seconds"] += max(step - self._decode_device_seconds(),
+                                                        0.0)
         if self.config.debug_integrity:
             self.check_integrity()
         return finished
+
+    def _decode_device_seconds(self) -> float:
+        """The last decode step's model and sampling time: host clock on CPU; on CUDA the
+        device's, between the runner's and the sampler's events (complete by now: the
+        tokens came back to the host)."""
+        start, end = self.runner.last_start_event, self.sampler.last_end_event
+        if start is None or end is None:
+            return self.runner.last_model_seconds + self.sampler.last_seconds
+        return start.elapsed_time(end) / 1e3
 
     def _start(self, plan: Plan) -> int:
         for s in plan.start:  # their contexts are the prompt until they draw a token

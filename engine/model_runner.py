@@ -31,6 +31,7 @@ class ModelRunner:
         self.page_size = page_size
         self.device = model.device
         self.last_model_seconds = 0.0  # forward + LM head of the last decode step
+        self.last_start_event = None  # on CUDA: recorded where that forward begins
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -47,6 +48,9 @@ class ModelRunner:
         meta = DecodeMeta(dev["slots"], *(dev.get(f) for f in _DECODE_FIELDS),
                           group_padded=padded)
         self.backend.begin(meta)
+        if self.device.type == "cuda":  # the host clock sees only the forward's launches
+            self.last_start_event = torch.cuda.Event(enable_timing=True)
+            self.last_start_event.record()
         t0 = time.perf_counter()
         logits = self.model.logits(self.model.forward(dev["ids"], dev["positions"],
                                                       self.backend))

@@ -19,6 +19,7 @@ class Sampler:
         self.device = device
         self.impl = impl
         self.last_seconds = 0.0  # the sampling kernel of the last call
+        self.last_end_event = None  # on CUDA: recorded where that kernel's work ends
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence],
                  rows: list[int] | None = None, owners: list[Sequence] | None = None
@@ -75,6 +76,9 @@ class Sampler:
             tokens, logprobs = sample_rows_ref(logits, dev[7], *columns, np.asarray(keys),
                                                banned, host=flags)
         self.last_seconds = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            self.last_end_event = torch.cuda.Event(enable_timing=True)
+            self.last_end_event.record()
         return _to_host(tokens, logprobs)
 
 

@@ -88,3 +88,14 @@ def test_cuda_bfloat16_engine_runs_and_tracks_float32(qwen2):
     for prompt, out in zip(prompts, greedy):  # the first token: same prompt, same logits
         _, logprobs = hf_greedy_cuda(hf, prompt)
         assert abs(out.outputs[0].logprobs[0] - logprobs[0].item()) < 0.05
+
+
+def test_cuda_decode_host_seconds_take_the_device_time_off_the_step(qwen2):
+    """On CUDA the host clock sees only launches: the device's model and sampling time
+    (CUDA events) is what decode_host_seconds takes off each step."""
+    engine = Engine(qwen2[0], device="cuda", max_kv_tokens=8192)
+    engine.generate(list(range(3, 20)), SamplingParams(n=8, max_tokens=5, seed=0))
+    s = engine.stats()
+    assert engine.runner.last_start_event is not None
+    assert engine.sampler.last_end_event is not None
+    assert 0 < s["decode_host_seconds"] < s["decode_step_seconds"]
