@@ -115,6 +115,15 @@ def micro_batches(items: list, size: int, dp: DataParallel = SINGLE) -> list[lis
     return [mine[i * size:(i + 1) * size] for i in range(count)]
 
 
+def longest_first(items: list, ids=lambda item: item.ids) -> list:
+    """`items` by sequence length, longest first (stable), so that each micro-batch holds
+    sequences of similar length and pads little: responses range from a few tokens to the
+    full max_tokens. Every loss and statistic is a sum over rows, so the order changes
+    nothing but float rounding; striding the sorted list also gives each rank about the
+    same number of tokens."""
+    return sorted(items, key=lambda item: -len(ids(item)))
+
+
 def merge_identical(samples: list[Sample]) -> list[tuple[Sample, int]]:
     """(sample, count) for each distinct sample in order of first appearance: equal
     tokens, response start, advantage, behaviour and old logprobs."""
@@ -141,6 +150,7 @@ def _mini_batch_step(model, optimizer, mini: list[Sample], rows: list[tuple[Samp
     num_tokens = sum(s.num_response for s in mini)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
+    rows = longest_first(rows, lambda row: row[0].ids)
     for micro_rows in micro_batches(rows, o.micro_batch_size, dp):
         # A rank with no samples left runs one at weight 0 (FSDP2's collectives must run
         # on every rank) and keeps its statistics out of the sums.
@@ -209,6 +219,7 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
         for s in everyone:
             first.setdefault((tuple(s.ids), s.start), s)
         samples = list(first.values())
+    samples = longest_first(samples)
     mine: list[list[float]] = []
     for micro in micro_batches(samples, cfg.optim.micro_batch_size, dp):
         batch = micro or samples[:1]  # an empty share still joins the collectives
@@ -220,7 +231,7 @@ def recompute_old_logprobs(model, samples: list[Sample], cfg: TrainConfig,
     for rank, values in enumerate(all_gather_objects(mine, dp)):
         for s, v in zip(samples[rank::dp.world_size], values):
             s.old_logprobs = v
-    if everyone is not samples:
+    if cfg.optim.merge_identical_samples:
         for s in everyone:
             s.old_logprobs = first[(tuple(s.ids), s.start)].old_logprobs
     # samples with the same tokens may hold different behaviour logprobs (another

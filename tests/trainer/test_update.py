@@ -3,6 +3,8 @@ algorithm.train_samples_per_group = k only the k max-variance samples enter the 
 policy_update: merging identical samples (optim.merge_identical_samples) takes the same
 step as computing each one."""
 
+import copy
+
 import pytest
 import torch
 
@@ -183,3 +185,50 @@ def test_recompute_counts_the_mismatch_of_each_behaviour_even_for_equal_tokens(t
     want = ((old - torch.tensor([-1.0, -2.0])).abs().sum()
             + (old - torch.tensor([-1.5, -2.5])).abs().sum()) / 4
     assert got[True]["mismatch/logprob_abs_mean"] == pytest.approx(float(want), rel=1e-6)
+
+
+def test_micro_batches_hold_sequences_of_similar_length_and_train_the_same(tmp_path,
+                                                                          monkeypatch):
+    """Responses of 1 to 40 tokens: micro-batches of the longest first pad far less than
+    micro-batches in rollout order, for the same step (to float rounding)."""
+    import brorl.trainer.update as upd
+    from brorl.trainer.policy import load_policy, pad_batch
+    from tests.helpers import make_checkpoint
+
+    g = torch.Generator().manual_seed(3)
+    groups = []
+    for gi in range(2):
+        lengths = [1 + int(x) for x in torch.randint(0, 40, (8,), generator=g)]
+        responses = [torch.randint(3, 100, (n,), generator=g).tolist() for n in lengths]
+        groups.append(Group(Problem(f"p{gi}", "1", "math"), [5, 6, 7 + gi], responses,
+                            [(-3.0 + 0.1 * torch.randn(n, generator=g)).tolist()
+                             for n in lengths], ["stop"] * 8,
+                            torch.tensor([float(n % 2) for n in lengths])))
+    path = str(tmp_path / "policy")
+    make_checkpoint(path, "qwen2", seed=2)
+    cfg = load_config(None, ["algorithm.num_mini_batches=1", "optim.micro_batch_size=4",
+                             "algorithm.old_logprobs=recompute"])
+    padded = []
+
+    def recording_pad_batch(seqs, starts, pad_id, device=None):
+        padded.append(sum(max(map(len, seqs)) - len(s) for s in seqs))
+        return pad_batch(seqs, starts, pad_id, device)
+
+    monkeypatch.setattr(upd, "pad_batch", recording_pad_batch)
+    results = {}
+    for order in ("longest first", "as drawn"):
+        if order == "as drawn":
+            monkeypatch.setattr(upd, "longest_first", lambda items, ids=None: list(items))
+        padded.clear()
+        model = load_policy(path)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        metrics = upd.policy_update(model, opt, sched, [copy.deepcopy(x) for x in groups],
+                                    cfg, 0, None, torch.Generator().manual_seed(5))
+        results[order] = sum(padded), metrics, [p.detach().clone() for p in model.parameters()]
+    (pad_sorted, m_sorted, p_sorted), (pad_drawn, m_drawn, p_drawn) = results.values()
+    assert pad_sorted < pad_drawn / 2
+    for a, b in zip(p_sorted, p_drawn):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    for k, v in m_drawn.items():
+        assert m_sorted[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
