@@ -43,7 +43,7 @@ from brorl.kernels.linear import OneDNNLinear, TorchLinear, onednn_available  # 
 
 def step_weights(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     """Random [out, in] matrices of the shapes one decode step of the bench model multiplies
-    by, in the engine's layout (engine.models.weights.matrix_shapes)."""
+    by, in the engine's layout (brorl.engine.models.weights.matrix_shapes)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=g).to(dtype)
             for s in matrix_shapes(engine_model_config()).values()]

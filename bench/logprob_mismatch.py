@@ -8,7 +8,7 @@ The demo's warm-start policy samples its own task (chain_sum) at the rollout tem
 the trainer's Hugging Face model (float32 master weights, and a bfloat16 copy) scores the
 same tokens. Each engine configuration (dtype x attention backend) draws the same prompts
 with the same seed. Per configuration: mean and max |delta logprob| and mean |delta p| over
-response tokens (trainer.update.logprob_mismatch, what `mismatch/*` logs in training), the
+response tokens (brorl.trainer.update.logprob_mismatch, what `mismatch/*` logs in training), the
 share of tokens whose importance weight exp(trainer - engine) leaves [0.5, 2], and the
 largest |sum of delta logprob| over a response (a sequence-level importance ratio). Writes
 bench/results/logprob-mismatch-<device>.json. It measures no time.

@@ -74,7 +74,7 @@ def stop_module_at(rev: str):
 
 def steps(num: int, vocab_size: int, seed: int, num_steps: int) -> list[list]:
     """num_steps consecutive decode steps of num samples (stand-ins for
-    engine.request.Sequence: token_ids and group), one token longer at each step."""
+    brorl.engine.request.Sequence: token_ids and group), one token longer at each step."""
     rng = random.Random(seed)
     params = SimpleNamespace(min_tokens=0, stop=STOP)
     prompt_len, group = 100, SimpleNamespace(prompt_len=100, params=params)

@@ -135,7 +135,7 @@ def device_name(device: str = "cpu") -> str:
 
 
 def engine_model_config(model: dict = MODEL):
-    """The bench model as the engine sees it (engine.config.ModelConfig)."""
+    """The bench model as the engine sees it (brorl.engine.config.ModelConfig)."""
     from brorl.engine.config import ModelConfig
 
     return ModelConfig.from_hf({"model_type": "qwen2", **model})

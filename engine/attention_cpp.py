@@ -24,7 +24,7 @@ class CppBackend(TorchBackend):
 
     def __init__(self, kv: KVPool, scale: float, cascade: bool) -> None:
         if not attention_ext_built():
-            raise ValueError("the cpp attention backend needs kernels._attention_ext; build "
+            raise ValueError("the cpp attention backend needs brorl.kernels._attention_ext; build "
                              "it with `python setup.py build_ext --inplace`")
         if kv.k.device.type != "cpu" or kv.k.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the cpp attention backend runs float32 or bfloat16 KV on CPU, "

@@ -1,7 +1,7 @@
 """The Triton attention backend (CUDA, or CPU under TRITON_INTERPRET=1): decode runs the
 cascade kernels (shared prefix once per group, private suffix per row, one LSE merge) or
 plain paged decode; extend runs the paged extend kernel. KV writes stay the pool's.
-Imported only when chosen (engine.attention.LAZY_BACKENDS), so triton stays optional."""
+Imported only when chosen (brorl.engine.attention.LAZY_BACKENDS), so triton stays optional."""
 
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def cache_impl(requested: str | None = None) -> str:
     if name == "auto":
         return "cpp" if extension_built() else "python"
     if name == "cpp" and not extension_built():
-        raise ValueError(f"{ENV_VAR}=cpp but the C++ extension engine._cache_ext is not built; "
-                         "run `python setup.py build_ext --inplace`")
+        raise ValueError(f"{ENV_VAR}=cpp but the C++ extension brorl.engine._cache_ext is "
+                         "not built; run `python setup.py build_ext --inplace`")
     return name
 
 

@@ -81,7 +81,7 @@ def collect(device: str | None = None, dtype: str = "float32") -> dict:
         "device": device,
         "dtype": dtype,
         "radix_cache": impl,
-        "allocator": impl,  # one factory makes both (engine.cache_ext.make_cache)
+        "allocator": impl,  # one factory makes both (brorl.engine.cache_ext.make_cache)
         "attention_backend": _choice(default_backend, torch.device(device),
                                      getattr(torch, dtype)),
         "linear_backend": _choice(default_linear_backend, torch.device(device),

@@ -65,7 +65,7 @@ class SGLangServer:
 
     def update_weights_from_tensor(self, **kwargs):
         raise NotImplementedError("a SGLang server cannot take in-process tensors: sync by "
-                                  "broadcast (trainer.weight_sync.sglang.SGLangSender)")
+                                  "broadcast (brorl.trainer.weight_sync.sglang.SGLangSender)")
 
     def _weight_call(self, path: str, body: dict) -> dict:
         try:

@@ -1,4 +1,4 @@
-"""The C++ page allocator and radix cache (engine._cache_ext via engine/cache_ext.py) against
+"""The C++ page allocator and radix cache (brorl.engine._cache_ext via engine/cache_ext.py) against
 the Python reference: random operation sequences applied to both side by side and compared
 after every step, bad input that must raise (never crash), and the engine on both."""
 

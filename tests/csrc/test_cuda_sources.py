@@ -60,7 +60,7 @@ def _case(dtype, h, hkv, d, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _built(), reason="needs a GPU and kernels._cuda_ext")
+@pytest.mark.skipif(not _built(), reason="needs a GPU and brorl.kernels._cuda_ext")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h,hkv,d", [(4, 4, 64), (4, 2, 64), (8, 2, 128), (28, 4, 128)])
 def test_cuda_cascade_and_paged_match_ref(dtype, h, hkv, d):
@@ -79,7 +79,7 @@ def test_cuda_cascade_and_paged_match_ref(dtype, h, hkv, d):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _built(), reason="needs a GPU and kernels._cuda_ext")
+@pytest.mark.skipif(not _built(), reason="needs a GPU and brorl.kernels._cuda_ext")
 def test_cuda_merge_states_matches_ref_with_empty_sides():
     from brorl.kernels.cascade_cuda import merge_states_cuda
 
@@ -95,7 +95,7 @@ def test_cuda_merge_states_matches_ref_with_empty_sides():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _built(), reason="needs a GPU and kernels._cuda_ext")
+@pytest.mark.skipif(not _built(), reason="needs a GPU and brorl.kernels._cuda_ext")
 def test_cuda_launcher_rejects_bad_input():
     from brorl.kernels.cascade_cuda import cascade_decode_cuda
 
