@@ -104,8 +104,18 @@ def train(cfg: TrainConfig, resume: str | None = None, make_engine=None,
     return summary(run.run_dir) if dp.is_main else {}
 
 
+def _transformers_progress(progress: bool) -> None:
+    """progress=false also silences transformers' own bars (loading weights, writing each
+    checkpoint's shards); progress=true leaves them as they are."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def setup(cfg: TrainConfig, resume: str | None, make_engine=None,
           dp: DataParallel = SINGLE) -> Run:
+    _transformers_progress(cfg.progress)
     run_dir = Path(resume or cfg.output_dir)
 
     problems: list = []  # (train, held-out), read on rank 0
