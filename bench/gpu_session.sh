@@ -13,7 +13,12 @@ OUT=${OUT:-/tmp/brorl-gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-500}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# brorl.engine / brorl.kernels / brorl.trainer straight from this tree, without installing
+# it (the image's setuptools may not do an editable install without the network): a
+# `brorl` folder of links to the three top-level folders (bench/ imports from $PWD)
+mkdir -p /tmp/brorl-src/brorl
+for top in engine kernels trainer; do ln -sfn "$PWD/$top" "/tmp/brorl-src/brorl/$top"; done
+export PYTHONPATH=/tmp/brorl-src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 STEPS="$OUT/steps.txt"
 : > "$STEPS"
 
