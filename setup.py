@@ -77,7 +77,7 @@ def get_extensions() -> list:
     except ImportError:
         print("brorl: pybind11 is not installed; skipping the C++ extensions", file=sys.stderr)
         return []
-    exts = []
+    exts = []  # depends: the headers, rebuilt on change and shipped in an sdist
     # GCC prefers 256-bit vectors on AVX-512 CPUs; the attention tiles are written for 512.
     # -march=native tunes the build to this CPU: a tree copied to an older one (Ray workers
     # on other machines) dies there with SIGILL; BRORL_MARCH=x86-64-v3 (say) builds for all
@@ -88,10 +88,12 @@ def get_extensions() -> list:
     link = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if _sources("cache"):
         exts.append(Pybind11Extension("brorl.engine._cache_ext", _sources("cache"),
+                                      depends=_sources("cache", "*.h"),
                                       include_dirs=["csrc/cache"], cxx_std=17,
                                       extra_compile_args=["-O3"]))
     if _sources("attention"):
         exts.append(Pybind11Extension("brorl.kernels._attention_ext", _sources("attention"),
+                                      depends=_sources("attention", "*.h"),
                                       include_dirs=["csrc/attention"], cxx_std=17,
                                       extra_compile_args=cxx, extra_link_args=link))
     if _sources("cuda", "*_bind.cpp") and _cuda_wanted():
