@@ -76,7 +76,7 @@ $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG=(--timeout=90)
 TRITON_INTERPRET=0 step gpu-tests 180 $PY -m pytest -q -m gpu -p no:cacheprovider -rfEs \
   --continue-on-collection-errors --durations=15 "${TIMEOUT_FLAG[@]}" \
   tests/kernels tests/csrc tests/engine tests/trainer/test_weight_sync.py
-step kernels 100 $PY bench/kernels.py
+step kernels 100 $PY bench/kernels_triton.py
 step kernels-sampling 50 $PY bench/kernels_sampling.py
 cp bench/results/kernels-*.json "$OUT/" 2>/dev/null
 # the N=512 over N=16 claim where the paper makes it: Qwen2-0.5B shapes, bf16, on the GPU

@@ -92,3 +92,15 @@ print(json.dumps(dict(hf=kernels.__file__, ours=brorl.kernels.linear.__file__)))
 """)
     assert not got["hf"].startswith(str(ROOT / "kernels"))
     assert Path(got["ours"]).resolve() == ROOT / "kernels" / "linear.py"
+
+
+def test_no_script_folder_holds_a_module_named_like_an_installed_package():
+    """`python bench/X.py` puts bench/ first on sys.path: a bench/kernels.py hid Hugging
+    Face's `kernels` from transformers (ImportError: CUDAProperties) in every bench script
+    that builds a model."""
+    installed = set(importlib.metadata.packages_distributions())
+    for folder in (ROOT, ROOT / "bench"):
+        names = {p.stem for p in folder.glob("*.py")} | {
+            p.name for p in folder.iterdir() if (p / "__init__.py").exists()}
+        assert not names & installed, f"{folder} shadows installed packages: " \
+            f"{sorted(names & installed)}"

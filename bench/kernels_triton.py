@@ -5,8 +5,8 @@ before each repeat), bytes and FLOPs from explicit formulas, achieved GB/s and T
 the fraction of the floor max(bytes / copy bandwidth, FLOPs / bf16 matmul peak), both
 measured in the same run. Writes bench/results/kernels-<device>.json.
 
-    python bench/kernels.py                    # needs a CUDA GPU
-    python bench/kernels.py --interpret-smoke  # tiny shapes under the Triton interpreter
+    python bench/kernels_triton.py                    # needs a CUDA GPU
+    python bench/kernels_triton.py --interpret-smoke  # tiny shapes under the Triton interpreter
 
 Other kernel families add rows by appending a function `(ctx: BenchContext) -> list[dict]`
 (each dict from `ctx.measure(...)`) to `SECTIONS`.
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
         ctx = BenchContext(SMOKE, "cpu", smoke=True)
     elif not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA GPU found; run it on a GPU machine, or pass "
+        print("bench/kernels_triton.py: no CUDA GPU found; run it on a GPU machine, or pass "
               "--interpret-smoke to run tiny shapes under the Triton interpreter",
               file=sys.stderr)
         return 2
