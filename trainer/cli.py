@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="YAML file (default: the run's config.yaml for a run or its "
                         "checkpoint, else the shipped demo)")
     e.add_argument("overrides", nargs="*", metavar="key=value")
-    p = sub.add_parser("plot", help="PNG curves of a run (accuracy, reward vs hours)")
+    p = sub.add_parser("plot", help="PNG curves of a run against training time")
     p.add_argument("run_dir", help="a run directory (its metrics.jsonl)")
     p.add_argument("--out", default=None,
                    help="PNG path or directory (default: RUN_DIR/curves.png)")

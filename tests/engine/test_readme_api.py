@@ -39,7 +39,7 @@ def readme_run(tmp_path_factory):
     _word_tokenizer(path)
     code = _engine_api_block()
     edits = [('"path/to/hf_checkpoint_dir"', repr(str(path))), ("n=512", "n=16"),
-             ("max_tokens=256", "max_tokens=8")]
+             ("max_tokens=128", "max_tokens=8")]
     for old, new in edits:
         assert code.count(old) == 1, f"the README example no longer has {old}"
         code = code.replace(old, new)
